@@ -1,0 +1,113 @@
+"""
+cache.py: the KV cache of the paper's cache policy D (Section 3, Eq. 1; paper-method.md §1.2, §7-A2/A12).
+
+One object holds the keys and values of every layer for a batch of sequences, in preallocated buffers:
+
+    slots [0, P)        the (left-padded) prompt, pinned: never evicted ("question tokens are never evicted")
+    slots [P, P + W)    a ring of W thought slots (mode "window"), or P + max_new slots (mode "full")
+
+Eviction rule (policy D). Before a new thought token is appended, if the cache already holds W thought tokens,
+the oldest E = ceil(W/4) thought tokens are evicted first, in one bulk event. The schedule depends only on the
+number of generated tokens, so it is the same for every sequence of a batch and can be replayed exactly under
+teacher forcing: events happen before thought tokens t = W, W+E, W+2E, ...  `evict()` returns the evicted keys
+and values of every layer (with their positions) so that PTE (pte.py) can fold them into its state S.
+
+Positions. Every token keeps its original absolute position (no StreamingLLM re-indexing; paper silent,
+paper-method.md §7-A12). Keys are stored after RoPE, so nothing is ever re-rotated. Worked example with a
+prompt of 3 tokens (positions 0,1,2), W = 4, E = ceil(4/4) = 1:
+
+    after prefill and thought tokens t0..t3:  prompt [0 1 2]  ring [3 4 5 6]      (4 thoughts held: full)
+    feeding t4 (position 7): evict t0 first   prompt [0 1 2]  ring [7 4 5 6]      (t0 at position 3 went to S)
+    feeding t5 (position 8): evict t1 first   prompt [0 1 2]  ring [7 8 5 6]
+
+The query of t5 attends to positions {0,1,2, 5,6,7, 8}: the prompt, the retained window and itself. Slot order
+does not matter to attention; the mask is built from positions alone: a query at position p sees a slot iff
+the slot is occupied and its position is <= p. Empty, evicted and padding slots hold position EMPTY (a huge
+number), so one comparison `slot_pos <= q_pos` is the whole mask.
+
+Memory in window mode is fixed at construction: no allocation per step and no torch.cat per token.
+"""
+import math
+
+import torch
+
+EMPTY = 2 ** 62  # position of a slot that holds nothing: never <= any query position
+
+
+def n_evict(window: int) -> int:
+    """Tokens evicted per event: 25% of the thought window (paper: "25% of tokens are evicted"; §7-A2)."""
+    return math.ceil(window / 4)
+
+
+class KVCache:
+    def __init__(self, n_layers, prompt_lens, n_kv_heads, head_dim, max_new_tokens, window=None,
+                 dtype=torch.float32, device="cpu"):
+        """prompt_lens: (B,) real prompt lengths; prompts are left-padded to P = max(prompt_lens).
+        window: thought slots W (mode "window"), or None for mode "full" (capacity P + max_new_tokens)."""
+        self.prompt_lens = torch.as_tensor(prompt_lens, dtype=torch.long, device=device)  # (B,)
+        B, P = len(self.prompt_lens), int(self.prompt_lens.max())
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 (got {window})")
+        self.window, self.P = window, P
+        self.mode = "full" if window is None else "window"
+        self.W = max_new_tokens if window is None else window  # thought slots
+        S = P + self.W
+        self.k = torch.zeros(n_layers, B, n_kv_heads, S, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.slot_pos = torch.full((B, S), EMPTY, dtype=torch.long, device=device)  # position held by each slot
+        self.n_fed = 0          # tokens fed so far: prompt slots first (P of them), then thought tokens
+        self.n_evicted = 0      # thought tokens evicted so far
+        self.slots = None       # slots of the chunk being written (set by prepare, read by update)
+
+    @property
+    def n_thought(self):  # thought tokens appended so far
+        return max(self.n_fed - self.P, 0)
+
+    @property
+    def n_held(self):  # thought tokens currently in the ring
+        return self.n_thought - self.n_evicted
+
+    def needs_evict(self) -> bool:
+        return self.mode == "window" and self.n_thought > 0 and self.n_held >= self.W
+
+    def evict(self):
+        """Evict the oldest E thought tokens. Returns (K_e, V_e, pos_e): (L, B, H_kv, E, D) x 2 and (B, E)."""
+        E = n_evict(self.W)
+        t = torch.arange(self.n_evicted, self.n_evicted + E, device=self.k.device)
+        slots = self.P + t % self.W
+        K_e, V_e, pos_e = self.k[:, :, :, slots], self.v[:, :, :, slots], self.slot_pos[:, slots]  # copies
+        self.slot_pos[:, slots] = EMPTY
+        self.n_evicted += E
+        return K_e, V_e, pos_e
+
+    def prepare(self, T):
+        """Reserve slots for the next T tokens. Returns (q_pos (B, T) for RoPE, mask (B, 1, T, S) bool)."""
+        dev = self.k.device
+        i = torch.arange(self.n_fed, self.n_fed + T, device=dev)  # index in the [padded prompt; thoughts] stream
+        is_prompt = i < self.P
+        t = (i - self.P).clamp(min=0)  # thought index
+        n_new = T - max(0, min(self.P, self.n_fed + T) - self.n_fed)  # thought tokens in this chunk (no host sync)
+        if self.n_held + n_new > self.W:
+            raise RuntimeError(f"cache holds {self.W} thought tokens; evict() first (window) or size it larger (full)")
+        self.slots = torch.where(is_prompt, i, self.P + t % self.W)
+        pad = (self.P - self.prompt_lens)[:, None]  # (B, 1) left padding of each prompt
+        pos = torch.where(is_prompt, i - pad, self.prompt_lens[:, None] + t)  # (B, T) absolute positions
+        real = pos >= 0  # padding slots stay EMPTY
+        self.slot_pos[:, self.slots] = torch.where(real, pos, EMPTY)
+        self.n_fed += T
+        q_pos = pos.clamp(min=0)  # a padding query sits at position 0 and sees the first real token: finite, unused
+        mask = self.slot_pos[:, None, None, :] <= q_pos[:, None, :, None]
+        return q_pos, mask
+
+    def update(self, layer, k, v):
+        """Write this chunk's (post-RoPE) k, v (B, H_kv, T, D) into layer `layer`; return the layer's full K, V.
+        Under autograd (replay), the buffer keeps detached copies and the returned K, V carry the chunk's graph."""
+        self.k[layer].index_copy_(2, self.slots, k.detach())
+        self.v[layer].index_copy_(2, self.slots, v.detach())
+        K, V = self.k[layer], self.v[layer]
+        if k.requires_grad or v.requires_grad:  # out-of-place: a copy of prompt + window, bounded by the window
+            K, V = K.index_copy(2, self.slots, k), V.index_copy(2, self.slots, v)
+        return K, V
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.slot_pos))

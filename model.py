@@ -1,0 +1,427 @@
+"""
+model.py: a hand-written Qwen2 / Llama decoder that loads Hugging Face safetensors, and batched generation
+under the paper's cache policy D (Section 3, Eq. 1: pi_theta^D(y|p) = prod_t pi_theta(y_t | C_t^D)).
+
+    python model.py --model Qwen/Qwen2.5-0.5B-Instruct --prompt "What is 7*6?"              # full cache
+    python model.py --model ./my-hf-folder --prompt "..." --window 256 --temperature 0.7    # sliding window
+
+Module names match the HF checkpoints (model.layers.N.self_attn.q_proj, ...), so loading is one strict
+load_state_dict with no renaming and no q/k permutation (HF weights use the rotate_half RoPE layout).
+The cache (cache.py) is the only place that knows about eviction; PTE hooks in through an `adapter` object
+(pte.py) that generate() tells about every eviction event.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cache import KVCache
+
+
+class ModelError(ValueError):
+    """Bad model input (missing folder, corrupt file, unsupported config). The message is one line."""
+
+
+# -----------------------------------------------------------------------------------------------------------
+# config
+
+@dataclass
+class ModelConfig:
+    arch: str                 # "qwen2" | "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # llama3 parameters, or None
+    attention_bias: bool       # q/k/v bias (Qwen2: always; Llama: attention_bias)
+    tie_word_embeddings: bool
+    eos_token_ids: tuple = ()
+
+    @staticmethod
+    def from_hf(c: dict) -> "ModelConfig":
+        archs = c.get("architectures") or [c.get("model_type", "?")]
+        arch = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}.get(archs[0])
+        if arch is None:
+            raise ModelError(f"architectures={archs[0]!r} is not supported (Qwen2ForCausalLM, LlamaForCausalLM)")
+        for key in ("num_local_experts", "num_experts"):
+            if c.get(key):
+                raise ModelError(f"{key}={c[key]}: mixture-of-experts models are not supported")
+        if c.get("use_sliding_window"):
+            raise ModelError("use_sliding_window=true is not supported (Qwen2's per-layer sliding window)")
+        # transformers 5 moved rope_theta/rope_scaling into rope_parameters; hub files still have the old keys
+        rp = dict(c.get("rope_parameters") or {})
+        rs = c.get("rope_scaling") or {}
+        rope_type = rs.get("rope_type", rs.get("type")) or rp.get("rope_type", "default")
+        if rope_type not in ("default", "llama3"):
+            raise ModelError(f"rope_type={rope_type!r} is not supported (default, llama3)")
+        scaling = None
+        if rope_type == "llama3":
+            src = rs if rs.get("rope_type", rs.get("type")) == "llama3" else rp
+            scaling = {k: float(src[k]) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                  "original_max_position_embeddings")}
+        if float(c.get("partial_rotary_factor", rp.get("partial_rotary_factor", 1.0))) != 1.0:
+            raise ModelError("partial_rotary_factor != 1 is not supported")
+        eos = c.get("eos_token_id")
+        n_heads = c["num_attention_heads"]
+        return ModelConfig(
+            arch=arch, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"], n_layers=c["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=c.get("num_key_value_heads") or n_heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=float(c.get("rope_theta", rp.get("rope_theta", 10000.0))), rope_scaling=scaling,
+            attention_bias=True if arch == "qwen2" else bool(c.get("attention_bias", False)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", arch == "qwen2")),
+            eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype  # normalise in fp32, as the reference implementation does
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies in fp32, with Llama-3 per-frequency rescaling when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    s = cfg.rope_scaling
+    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths (> old/lo) are slowed by `factor`, short ones (< old/hi) kept, the band between blended
+    scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(inv_freq, pos, dtype):
+    """pos (B, T) absolute positions -> cos, sin (B, 1, T, head_dim) in the HF half-split layout."""
+    freqs = pos[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # x*cos + rotate_half(x)*sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.nh, self.nkv, self.hd = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd): prompt + window (+ this chunk)
+        # an explicit mask whenever a cache is involved: SDPA's is_causal is top-left aligned when T < S
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.nkv != self.nh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):  # the HF "model." prefix
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, idx, cache: KVCache | None = None, pos=None, mask=None, hidden_only=False):
+        """idx (B, T) token ids -> logits (B, T, vocab) (or final hidden states (B, T, d) if hidden_only).
+        With a cache, positions and the mask come from it; without, pos defaults to 0..T-1 and mask to causal."""
+        B, T = idx.shape
+        if cache is not None:
+            pos, mask = cache.prepare(T)
+        elif pos is None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+        x = self.model.embed_tokens(idx)
+        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache)
+        x = self.model.norm(x)
+        return x if hidden_only else self.lm_head(x)
+
+    def new_cache(self, prompt_lens, max_new_tokens, window=None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.cfg.n_layers, prompt_lens, self.cfg.n_kv_heads, self.cfg.head_dim, max_new_tokens,
+                       window, dtype=p.dtype, device=p.device)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# loading
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A local folder, or a hub id fetched with huggingface_hub (honours its cache and HF_HUB_OFFLINE)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or p.exists()
+    if looks_local:
+        raise ModelError(f"model folder not found: {name_or_path}")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja",
+                                                                    "tokenizer*"]))
+    except Exception as e:  # offline, unknown repo, gated repo...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"no local folder {name_or_path!r} and it cannot be fetched from the hub: {msg}") from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"missing {path.name} in {path.parent}") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_state(folder: Path, dtype) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    sd = {}
+    for f in files:
+        if not (folder / f).exists():
+            raise ModelError(f"missing weights file {folder / f}")
+        try:
+            part = load_file(folder / f)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ModelError(f"cannot read {folder / f} (truncated or corrupt?): {str(e).splitlines()[0]}") from None
+        for k in list(part):  # convert one tensor at a time: never a second full copy of the weights
+            sd[k] = part.pop(k).to(dtype)
+    return sd
+
+
+def load_model(name_or_path: str, dtype=None, device=None):
+    """-> (Transformer in eval mode, Tokenizer). dtype defaults to bf16 on CUDA and fp32 on CPU."""
+    from tokenizer import Tokenizer
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    folder = resolve_model_dir(name_or_path)
+    cfg = ModelConfig.from_hf(read_json(folder / "config.json"))
+    sd = load_state(folder, dtype)
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints carry this
+    if cfg.tie_word_embeddings and "model.embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ModelError(f"weights do not match config.json in {folder}: {' '.join(lines[1:3])[:300]}") from None
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+    model = model.to(device).eval().requires_grad_(False)
+    model.name_or_path = name_or_path
+    tok = Tokenizer(folder, extra_eos=cfg.eos_token_ids)
+    return model, tok
+
+
+# -----------------------------------------------------------------------------------------------------------
+# generation
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor     # (B, T) completion ids, pad after the stop token
+    lengths: torch.Tensor    # (B,) tokens up to and including the stop token
+    logprobs: torch.Tensor   # (B, T) log pi(y_t) under the temperature-scaled policy (what GRPO replays)
+    truncated: torch.Tensor  # (B,) no stop token within max_new_tokens
+    evictions: torch.Tensor  # (B,) eviction events that happened while the sequence was still generating
+    kv_bytes: int            # bytes held by the KV cache (constant in window mode)
+
+
+def sample(logits, temperature, top_p, generator=None):
+    """logits (B, V) -> token (B,), log-prob (B,) under softmax(logits / T). Greedy when T == 0.
+    The recorded log-prob ignores top-p truncation (as verl does): replay recomputes exactly this quantity."""
+    logits = logits.float()
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+    logp = torch.log_softmax(logits / temperature, -1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    # Gumbel-style draw with exponential noise: no host sync (unlike torch.multinomial on CUDA)
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    tok = (probs / q).argmax(-1)
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+def left_pad(prompts, pad_id, device):
+    P = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    return idx.to(device), [len(p) for p in prompts]
+
+
+def eviction_steps(window, n_tokens):
+    """Thought indices t before whose feeding an eviction event happens: W, W+E, W+2E, ... (< n_tokens)."""
+    if window is None:
+        return []
+    from cache import n_evict
+    return list(range(window, n_tokens, n_evict(window)))
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, top_p=1.0, window=None, adapter=None,
+             generator=None, pad_id=0, progress=False) -> Generation:
+    """Batched decode under cache policy D. prompts: list of token-id lists (any lengths; left-padded).
+    window=None: full cache; window=W: W thought slots, evicting the oldest ceil(W/4) when full.
+    adapter (pte.py): reset(B) before prefill, fold(K_e, V_e) at each eviction event (PTE's Eq. 4/6)."""
+    device = next(model.parameters()).device
+    idx, plens = left_pad(prompts, pad_id, device)
+    B = len(prompts)
+    cache = model.new_cache(plens, max_new_tokens, window)
+    if adapter is not None:
+        adapter.reset(B)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, max_new_tokens, device=device)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model(idx, cache)[:, -1]  # prefill: the prompt goes into the pinned region
+    steps = range(max_new_tokens)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="generate", leave=False)
+    for t in steps:
+        tok, lp = sample(logits, temperature, top_p, generator)
+        tok = torch.where(done, pad_id, tok)
+        tokens[:, t], logprobs[:, t] = tok, torch.where(done, 0.0, lp)
+        newly = ~done & torch.isin(tok, stop)
+        lengths = torch.where(newly, t + 1, lengths)
+        done = done | newly
+        if t == max_new_tokens - 1 or bool(done.all()):  # the one host sync per token: the stop check
+            break
+        if cache.needs_evict():  # policy D: make room before the next thought token is appended
+            K_e, V_e, _ = cache.evict()
+            if adapter is not None:
+                adapter.fold(K_e, V_e)
+        logits = model(tok[:, None], cache)[:, -1]
+    ev = torch.tensor(eviction_steps(window, max_new_tokens), dtype=torch.long, device=device)
+    evictions = (ev[None, :] <= lengths[:, None] - 2).sum(-1)  # events before the last token that mattered
+    return Generation(tokens, lengths, logprobs, ~done, evictions, cache.nbytes())
+
+
+# -----------------------------------------------------------------------------------------------------------
+# CLI
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Chat with a Qwen2/Llama model under a full or sliding-window cache.")
+    ap.add_argument("--model", required=True, help="local HF folder or hub id")
+    ap.add_argument("--prompt", required=True, help="user message (the model's chat template is applied)")
+    ap.add_argument("--system", default=None, help="optional system message")
+    ap.add_argument("--window", default="full", help="thought-window W (int) or 'full'")
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        window = None if args.window == "full" else int(args.window)
+        if window is not None and window < 1:
+            raise ModelError(f"--window must be >= 1 or 'full' (got {window})")
+        if args.max_new_tokens < 1:
+            raise ModelError("--max-new-tokens must be >= 1")
+        model, tok = load_model(args.model, args.dtype, args.device)
+    except ValueError as e:  # ModelError, and int('abc')
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
+           [{"role": "user", "content": args.prompt}]
+    ids = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    out = generate(model, [ids], args.max_new_tokens, tok.stop_ids, args.temperature, args.top_p, window,
+                   generator=g, pad_id=tok.pad_id, progress=True)
+    n = int(out.lengths[0])
+    print(tok.decode(out.tokens[0, :n].tolist()))
+    print(f"[{n} tokens, {int(out.evictions[0])} eviction events, KV cache {out.kv_bytes / 2**20:.1f} MiB]",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
