@@ -1,0 +1,344 @@
+"""
+pte.py: Progressive Thought Encoding (paper Section 3, Eqs. 4-7), plain LoRA, and replayed log-probs.
+
+Three methods behind one switch, as in the paper's Table 1 (the base model is frozen; only adapters train):
+    lora    static LoRA, full KV cache                      (the memory-hungry baseline)
+    lora_c  static LoRA under the sliding-window cache      (naive cache truncation)
+    pte     LoRA whose core is a per-layer state S that absorbs every evicted thought token
+
+PTE, per layer l and per sequence (shapes with d_kv = n_kv_heads * head_dim, r = LoRA rank; paper-method.md §2):
+    q_g (r, d_kv)  learnable global query          W_Q_a, W_K_a, W_V_a (r, d_kv)  projections d_kv -> r
+    k_g, v_g (n_g, d_kv)  learnable global tokens
+    S0 = Normalize((W_Q_a q_g)(W_K_a k_g)^T (W_V_a v_g))              Eq. 7   (n_g = 0  =>  S0 = 0)
+    at each eviction event with evicted K_e, V_e (m, d_kv):
+    S' = (W_Q_a q_g)(W_K_a K_e)^T (W_V_a V_e)                          Eq. 4   (r, r)
+    S  = Normalize(S + S')                                             Eq. 6
+    y  = W x + (alpha/r) A S B x,   A (d_out, r), B (r, d_in)          Eq. 5   (Delta W = A S B, never materialised)
+Plain LoRA is the same adapter with S = I (y = W x + (alpha/r) A B x).
+
+Replay (paper-method.md §3.2, §7-A8): GRPO needs log pi(y_t) with gradients, under the same cache policy and the
+same S as the rollout. `replay` teacher-forces the completion segment by segment (a segment = the tokens between
+two eviction events); each segment attends to the prompt, the retained window and its own earlier tokens. Carried
+and evicted K/V are detached (truncated BPTT); the tiny chain of states S stays differentiable: every segment
+runs on detached leaf copies of S and is backpropagated at once, and one final backward pushes the leaves'
+gradients through the S chain into W_Q_a, W_K_a, W_V_a, q_g, k_g, v_g. Peak memory: prompt + window.
+
+    from pte import AdapterConfig, Adapters, replay
+    adapters = Adapters(model, AdapterConfig(method="pte", rank=32))
+    out = generate(model, prompts, 3072, tok.stop_ids, temperature=1.0, window=1024, adapter=adapters)
+    logp = replay(model, adapters, prompts, out.tokens, window=1024, temperature=1.0, loss_fn=...)
+"""
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from model import eviction_steps, left_pad
+
+METHODS = ("lora", "lora_c", "pte")
+TARGETS = {"qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
+           "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+
+
+class AdapterError(ValueError):
+    """Bad adapter input (unknown method, mismatched base model, unreadable files). One-line message."""
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "pte"           # lora | lora_c | pte
+    rank: int = 32                # r, the same for every method (fair comparison; paper: 32)
+    alpha: float | None = None    # LoRA scale alpha/r; paper silent, None => alpha = r, scale 1 (§7-A10)
+    targets: str = "qkvo"         # qkvo | all-linear; paper silent (§7-A4), same set for every method
+    n_global: int = 32            # global tokens n_g seeding S0 (Eq. 7); 0 => S0 = 0 (ablation "#Global-0")
+    global_only: bool = False     # ablation "Global-Only": S stays S0, evictions are not folded in
+    state_softmax: bool = False   # Eq. 4 with softmax(Q K^T / sqrt(r)) V: a stability variant, not the paper's form
+    normalize: str = "row"        # Eq. 6's Normalize, undefined in the paper: row-wise L2 (§7-A6) | frobenius | none
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise AdapterError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.targets not in TARGETS:
+            raise AdapterError(f"unknown targets {self.targets!r} (choose from {', '.join(TARGETS)})")
+        if self.rank < 1 or self.n_global < 0:
+            raise AdapterError("rank must be >= 1 and n_global >= 0")
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        if self.normalize not in ("row", "frobenius", "none"):
+            raise AdapterError(f"unknown normalize {self.normalize!r} (row, frobenius, none)")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# LoRA factors and the adapted linear layer (Eq. 5)
+
+class LoRA(nn.Module):
+    def __init__(self, d_in, d_out, r):
+        super().__init__()
+        self.A = nn.Parameter(torch.zeros(d_out, r))  # zero: the adapted model equals the base at step 0 (§7-A11)
+        self.B = nn.Parameter(torch.empty(r, d_in))
+        nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+
+
+class LoRALinear(nn.Module):
+    """Replaces a frozen nn.Linear: y = W x + scale * A S B x, with S the layer's current (B, r, r) state or None."""
+    def __init__(self, base: nn.Linear, lora: LoRA, layer_adapter, scale):
+        super().__init__()
+        self.base, self.scale = base, scale
+        self._refs = (lora, layer_adapter)  # a tuple, so the adapter's parameters are not registered in the model
+
+    def forward(self, x):  # x (B, T, d_in)
+        lora, la = self._refs
+        y = self.base(x)
+        if not la.enabled:
+            return y
+        h = x @ lora.B.T                         # (B, T, r)
+        if la.S_active is not None:
+            h = h @ la.S_active.transpose(1, 2)  # row form of S (B x): each sequence its own S
+        return y + self.scale * (h @ lora.A.T)
+
+
+class _LinearState(torch.autograd.Function):
+    """Eq. 4 without softmax, S' = Q (K_e W_K^T)^T (V_e W_V^T), with a lean backward. Autograd would save K_e and
+    V_e ((m, d_kv) per event: the whole evicted KV stream over a replay); we save only (r, d_kv) statistics."""
+    @staticmethod
+    def forward(ctx, Q, W_K, W_V, K_e, V_e):  # Q (r, r); W_K, W_V (r, d); K_e, V_e (B, m, d), no grad
+        Kp, Vp = K_e @ W_K.T, V_e @ W_V.T     # (B, m, r)
+        C = Kp.transpose(1, 2) @ Vp           # (B, r, r)
+        ctx.save_for_backward(Q, C, Vp.transpose(1, 2) @ K_e, Kp.transpose(1, 2) @ V_e)  # X, Y (B, r, d)
+        return Q @ C
+
+    @staticmethod
+    def backward(ctx, gS):  # gS (B, r, r)
+        Q, C, X, Y = ctx.saved_tensors
+        gC = Q.T @ gS                                   # dL/dC
+        gQ = (gS @ C.transpose(1, 2)).sum(0)
+        gW_K = (gC @ X).sum(0)                          # dL/dKp = Vp gC^T  ->  dL/dW_K = gC Vp^T K_e
+        gW_V = (gC.transpose(1, 2) @ Y).sum(0)          # dL/dVp = Kp gC    ->  dL/dW_V = gC^T Kp^T V_e
+        return gQ, gW_K, gW_V, None, None
+
+
+class LayerAdapter(nn.Module):
+    """One decoder layer's adapters: a LoRA per target module and, for PTE, the context-state encoder."""
+    def __init__(self, cfg: AdapterConfig, shapes: dict, d_kv: int):
+        super().__init__()
+        self.cfg, r = cfg, cfg.rank
+        self.lora = nn.ModuleDict({name: LoRA(d_in, d_out, r) for name, (d_in, d_out) in shapes.items()})
+        self.enabled, self.S_active = True, None
+        if cfg.method == "pte":
+            self.q_g = nn.Parameter(torch.randn(r, d_kv) * 0.02)      # global query (§7-A11: N(0, 0.02^2))
+            self.k_g = nn.Parameter(torch.randn(cfg.n_global, d_kv) * 0.02)  # global tokens (Eq. 7)
+            self.v_g = nn.Parameter(torch.randn(cfg.n_global, d_kv) * 0.02)
+            self.W_Q_a, self.W_K_a, self.W_V_a = (nn.Parameter(nn.init.xavier_uniform_(torch.empty(r, d_kv)))
+                                                  for _ in range(3))
+
+    def normalize(self, S):  # Eq. 6; paper silent: row-wise L2 keeps |S| bounded over any number of events
+        if self.cfg.normalize == "row":
+            return F.normalize(S, dim=-1, eps=1e-6)
+        if self.cfg.normalize == "frobenius":
+            return S * (math.sqrt(S.shape[-1]) / S.flatten(1).norm(dim=-1).clamp_min(1e-6))[:, None, None]
+        return S
+
+    def encode(self, K_e, V_e):
+        """Eq. 4: K_e, V_e (B, m, d_kv) -> S' (B, r, r). Note (issue #3 quick run): the literal, unnormalised S'
+        can dwarf the normalised S; it trained at lr 1e-3 and diverged at 3e-3 on the toy recall task."""
+        Q = self.q_g @ self.W_Q_a.T  # (r, r): one row per global-query vector
+        if not self.cfg.state_softmax and not K_e.requires_grad:  # evicted K/V (detached): the lean path
+            return _LinearState.apply(Q, self.W_K_a, self.W_V_a, K_e, V_e)
+        Kp, Vp = K_e @ self.W_K_a.T, V_e @ self.W_V_a.T  # (B, m, r); global tokens k_g, v_g take this path
+        if self.cfg.state_softmax:
+            return torch.softmax(Q @ Kp.transpose(1, 2) / math.sqrt(Q.shape[-1]), -1) @ Vp
+        return Q @ (Kp.transpose(1, 2) @ Vp)
+
+    def initial_state(self, B):
+        r, p = self.cfg.rank, self.q_g
+        if self.cfg.n_global == 0:
+            return p.new_zeros(B, r, r)
+        return self.normalize(self.encode(self.k_g[None], self.v_g[None])).expand(B, r, r)  # Eq. 7
+
+
+class Adapters(nn.Module):
+    """Wraps the target linears of `model` in place (base stays frozen) and owns every trainable parameter.
+    Also the `adapter` object model.generate() drives: reset(B) before prefill, fold(K_e, V_e) per eviction."""
+    def __init__(self, model, cfg: AdapterConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc = model.cfg
+        d_kv = mc.n_kv_heads * mc.head_dim
+        self.layers = nn.ModuleList()
+        for block in model.model.layers:
+            owners = {n: block.self_attn if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else block.mlp
+                      for n in TARGETS[cfg.targets]}
+            lins = {n: getattr(o, n) for n, o in owners.items()}
+            if any(not isinstance(lin, nn.Linear) for lin in lins.values()):
+                raise AdapterError("model already has adapters attached")
+            la = LayerAdapter(cfg, {n: (lin.in_features, lin.out_features) for n, lin in lins.items()}, d_kv)
+            self.layers.append(la)
+            for n, lin in lins.items():
+                setattr(owners[n], n, LoRALinear(lin, la.lora[n], la, cfg.alpha / cfg.rank))
+        p = next(model.parameters())
+        self.to(device=p.device, dtype=p.dtype)
+        self.S = None  # the chain of states (one (B, r, r) per layer) of the sequence batch being processed
+        self.base_fingerprint = fingerprint(model)
+        self.base_name = getattr(model, "name_or_path", None)
+
+    @property
+    def is_pte(self):
+        return self.cfg.method == "pte"
+
+    def set_enabled(self, on: bool):  # off = the frozen base model (the KL reference)
+        for la in self.layers:
+            la.enabled = on
+
+    def activate(self, states):  # the S each LoRALinear reads; None = plain LoRA
+        for la, S in zip(self.layers, states or [None] * len(self.layers)):
+            la.S_active = S
+
+    def reset(self, B):
+        """State is per rollout: reset for every sequence (paper-method.md §2.4)."""
+        self.S = [la.initial_state(B) for la in self.layers] if self.is_pte else None
+        self.activate(self.S)
+
+    def fold(self, K_e, V_e):
+        """One eviction event. K_e, V_e (L, B, H_kv, E, D) from cache.evict(); heads concatenated (§7-A7)."""
+        if not self.is_pte or self.cfg.global_only:
+            return
+        L, B, H, E, D = K_e.shape
+        flat = lambda X: X.transpose(2, 3).reshape(L, B, E, H * D)  # (L, B, E, d_kv)
+        K_e, V_e = flat(K_e), flat(V_e)
+        self.S = [la.normalize(S + la.encode(K_e[i], V_e[i])) for i, (la, S) in enumerate(zip(self.layers, self.S))]
+        self.activate(self.S)
+
+
+def attach(model, cfg: AdapterConfig) -> Adapters:
+    return Adapters(model, cfg)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# replay: log-probs of given completions, under the same method, window and eviction schedule as the rollout
+
+def token_logprobs(model, h, targets, temperature=1.0, chunk=256):
+    """h (B, n, d) final hidden states, targets (B, n) -> log pi(target) (B, n), fp32. Full-vocabulary logits
+    exist for `chunk` positions at a time only; under autograd each chunk is recomputed in backward."""
+    W = model.lm_head.weight
+    T = temperature if temperature > 0 else 1.0
+
+    def f(h_c, t_c):
+        return torch.log_softmax((h_c @ W.T).float() / T, -1).gather(-1, t_c[..., None])[..., 0]
+
+    out = []
+    for i in range(0, h.shape[1], chunk):
+        h_c, t_c = h[:, i:i + chunk], targets[:, i:i + chunk]
+        out.append(checkpoint(f, h_c, t_c, use_reentrant=False) if h_c.requires_grad else f(h_c, t_c))
+    return torch.cat(out, 1)
+
+
+def replay(model, adapters, prompts, tokens, window=None, temperature=1.0, loss_fn=None, pad_id=0):
+    """Recompute log pi(y_t | C_t^D) for completions `tokens` (B, T) after `prompts` (lists of ids).
+
+    window=None replays with the full cache (method lora: one segment, the baseline's cost). Without loss_fn it
+    runs under no_grad; with loss_fn(logp_seg (B, n), t0, t1) -> scalar, each segment's loss is backpropagated
+    as soon as it is computed (gradients accumulate in .grad), and the S chain is backpropagated at the end.
+    Returns the detached log-probs (B, T)."""
+    train = loss_fn is not None
+    device = next(model.parameters()).device
+    with torch.set_grad_enabled(train):
+        idx, plens = left_pad(prompts, pad_id, device)
+        tokens = tokens.to(device)
+        B, T = tokens.shape
+        cache = model.new_cache(plens, T, window)
+        if adapters is not None:
+            adapters.reset(B)
+        # thought tokens 0..T-2 are fed (y_0 is predicted by the prompt); evictions precede the fed index
+        bounds = [0] + eviction_steps(window, T - 1) + [T - 1]
+        chain, leaves, out = [], [], []
+        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if s > 0:
+                K_e, V_e, _ = cache.evict()
+                if adapters is not None:
+                    adapters.fold(K_e, V_e)
+            if train and adapters is not None and adapters.is_pte:
+                leaf = [S.detach().requires_grad_() for S in adapters.S]
+                adapters.activate(leaf)
+                chain.append(adapters.S)
+                leaves.append(leaf)
+            x = tokens[:, a:b] if s > 0 else torch.cat([idx, tokens[:, :b]], 1)
+            h = model(x, cache, hidden_only=True)
+            h = h[:, -(b - a + 1):] if s == 0 else h  # segment 0: the last prompt position predicts y_0
+            t0 = a if s == 0 else a + 1
+            lp = token_logprobs(model, h, tokens[:, t0:b + 1], temperature)
+            if train:
+                loss_fn(lp, t0, b + 1).backward()
+            out.append(lp.detach())
+        if chain:  # one backward through the S chain: the leaves' gradients flow into the state encoder
+            pairs = [(S, l.grad) for Ss, ls in zip(chain, leaves) for S, l in zip(Ss, ls)
+                     if l.grad is not None and S.requires_grad]
+            if pairs:
+                torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
+            adapters.activate(None)
+            adapters.S = None
+    return torch.cat(out, 1)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# adapters on disk: adapter.safetensors + adapter.json
+
+def fingerprint(model) -> str:
+    """A short hash of the base model's architecture (its config), stored with adapters and checked on load."""
+    cfg = {k: v for k, v in asdict(model.cfg).items() if k != "eos_token_ids"}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapters(adapters: Adapters, folder, extra=None):
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in adapters.state_dict().items()}
+    meta = {"config": asdict(adapters.cfg), "base_model": adapters.base_name,
+            "base_fingerprint": adapters.base_fingerprint, **(extra or {})}
+    _atomic_write(folder / "adapter.safetensors", lambda p: save_file(sd, str(p)))
+    _atomic_write(folder / "adapter.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+
+
+def read_adapter_meta(folder) -> dict:
+    path = Path(folder) / "adapter.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"no adapter.json in {folder}") from None
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_adapters(model, folder) -> Adapters:
+    """Attach the adapters saved in `folder` to `model`; refuses a base model other than the one trained on."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    meta = read_adapter_meta(folder)
+    fp = fingerprint(model)
+    if meta.get("base_fingerprint") != fp:
+        raise AdapterError(f"adapter in {folder} was trained for base model {meta.get('base_model')!r} "
+                           f"(fingerprint {meta.get('base_fingerprint')}), not this one (fingerprint {fp})")
+    try:
+        sd = load_file(str(Path(folder) / "adapter.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"cannot read {folder}/adapter.safetensors: {str(e).splitlines()[0]}") from None
+    adapters = Adapters(model, AdapterConfig(**meta["config"]))
+    try:
+        adapters.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise AdapterError(f"adapter.safetensors does not match adapter.json in {folder}: "
+                           f"{str(e).splitlines()[-1].strip()[:200]}") from None
+    return adapters
