@@ -83,7 +83,7 @@ class ModelConfig:
             rms_norm_eps=c.get("rms_norm_eps", 1e-6),
             rope_theta=float(c.get("rope_theta", rp.get("rope_theta", 10000.0))), rope_scaling=scaling,
             attention_bias=True if arch == "qwen2" else bool(c.get("attention_bias", False)),
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", arch == "qwen2")),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),  # transformers default
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]))
 
 
@@ -328,6 +328,8 @@ def sample(logits, temperature, top_p, generator=None):
 
 
 def left_pad(prompts, pad_id, device):
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError("every prompt needs at least one token")
     P = max(len(p) for p in prompts)
     idx = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):

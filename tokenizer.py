@@ -46,10 +46,11 @@ class Tokenizer:
         self.special = {k: _content(self.config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
 
         eos = set(extra_eos)
-        gen_path = folder / "generation_config.json"
-        if gen_path.exists():
-            e = json.loads(gen_path.read_text()).get("eos_token_id")
-            eos |= set(e if isinstance(e, list) else [] if e is None else [e])
+        for name in ("generation_config.json", "config.json"):  # the docstring's union, even without load_model
+            path = folder / name
+            if path.exists():
+                e = json.loads(path.read_text()).get("eos_token_id")
+                eos |= set(e if isinstance(e, list) else [] if e is None else [e])
         if self.special["eos_token"] and self.tok.token_to_id(self.special["eos_token"]) is not None:
             eos.add(self.tok.token_to_id(self.special["eos_token"]))
         self.stop_ids = sorted(eos)
@@ -73,5 +74,7 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         specials = {k: v for k, v in self.special.items() if v is not None}
+        # transformers passes tools and documents explicitly (None when absent): `tools is not none` is false
+        context = {"tools": None, "documents": None, **specials, **kwargs}
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **specials, **kwargs)
+            messages=messages, add_generation_prompt=add_generation_prompt, **context)
