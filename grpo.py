@@ -531,10 +531,10 @@ def init_distributed():
     return rank, world, "cpu"
 
 
-def train(cfg: GRPOConfig, resume=False, rank=0, world=1, device=None, reward_fn=None):
+def train(cfg: GRPOConfig, resume=False, rank=0, world=1, device=None, reward_fn=None, quiet=False):
     validate(cfg, world)
     main_rank, out = rank == 0, Path(cfg.out)
-    say = (lambda s: tqdm.write(s)) if main_rank else (lambda s: None)
+    say = (lambda s: tqdm.write(s)) if main_rank and not quiet else (lambda s: None)
     ckpts = checkpoints(out) if out.is_dir() else []
     if ckpts and not resume:
         raise GRPOError(f"{out} already holds checkpoints ({ckpts[-1].name}): pass --resume, or another --out")
@@ -572,7 +572,8 @@ def train(cfg: GRPOConfig, resume=False, rank=0, world=1, device=None, reward_fn
         step += 1
         problems = step_problems(records, data_pos, cfg.prompts_per_step, cfg.seed)[rank * n_local:(rank + 1) * n_local]
         t0 = time.perf_counter()
-        local = grpo_step(model, adapters, opt, master, tok, problems, cfg, step, rank, world, reward_fn, main_rank)
+        local = grpo_step(model, adapters, opt, master, tok, problems, cfg, step, rank, world, reward_fn,
+                          main_rank and not quiet)
         data_pos += cfg.prompts_per_step
         m = gather_metrics(local, world, step, cfg)
         if main_rank:
@@ -649,6 +650,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--demo" in argv:  # the paper in miniature (demo.py): same functions, toy model, task and budgets
+        from demo import main as demo_main
+        demo_main([a for a in argv if a != "--demo"])
+        return 0
     cfg, resume = parse_args(argv)
     rank = 0
     try:
