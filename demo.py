@@ -167,7 +167,8 @@ def main(argv=None):
     ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a tiny model: 1 is fastest)")
     ap.add_argument("--methods", default="lora,lora_c,pte", help="which adapters to train (comma list)")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="show grpo.py's per-step lines")
+    ap.add_argument("--quiet", action="store_true", help="print only the final table")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out, K, NF, W = Path(args.out), args.digits, args.filler, args.window
@@ -199,7 +200,7 @@ def main(argv=None):
                               prompts_per_step=args.prompts_per_step, micro_batch=args.prompts_per_step * args.group_size,
                               steps=args.steps, lr=args.lr, rank=8, global_tokens=8, seed=args.seed, out=str(run),
                               save_every=args.steps, keep=1, log_samples=0, device="cpu")
-        grpo.train(cfg, reward_fn=make_reward(K, NF), quiet=args.quiet)
+        grpo.train(cfg, reward_fn=make_reward(K, NF), quiet=not args.verbose)
         curves[method] = [json.loads(l)["reward"] for l in (run / "log.jsonl").read_text().splitlines()]
         model, tok = load_model(str(base_dir), device="cpu")
         adapters = load_adapters(model, run / f"ckpt-{args.steps:06d}")
@@ -208,7 +209,8 @@ def main(argv=None):
         mem = replay_step_memory(model, tok, adapters, test[:16], window, K, NF)
         rows.append({"method": method, "window": window, "accuracy": acc, "kv_cache_bytes": kv,
                      "peak_memory_bytes": mem})
-        log(f"   {method}: accuracy {acc:.3f}")
+        log(f"   {method}: mean reward of the last 20 steps {sum(curves[method][-20:]) / 20:.3f}, "
+            f"greedy accuracy {acc:.3f}")
 
     acc = {r["method"]: r["accuracy"] for r in rows}
     gap = acc.get("lora", float("nan")) - acc.get("lora_c", float("nan"))
