@@ -95,8 +95,10 @@ class KVCache:
         real = pos >= 0  # padding slots stay EMPTY
         self.slot_pos[:, self.slots] = torch.where(real, pos, EMPTY)
         self.n_fed += T
+        # slots fill in stream order, [0, P + W): attend over the used prefix only (all S once the ring wrapped)
+        self.n_used = min(self.n_fed, self.P + self.W)
         q_pos = pos.clamp(min=0)  # a padding query sits at position 0 and sees the first real token: finite, unused
-        mask = self.slot_pos[:, None, None, :] <= q_pos[:, None, :, None]
+        mask = self.slot_pos[:, None, None, :self.n_used] <= q_pos[:, None, :, None]
         return q_pos, mask
 
     def update(self, layer, k, v):
@@ -104,7 +106,7 @@ class KVCache:
         Under autograd (replay), the buffer keeps detached copies and the returned K, V carry the chunk's graph."""
         self.k[layer].index_copy_(2, self.slots, k.detach())
         self.v[layer].index_copy_(2, self.slots, v.detach())
-        K, V = self.k[layer], self.v[layer]
+        K, V = self.k[layer, :, :, :self.n_used], self.v[layer, :, :, :self.n_used]
         if k.requires_grad or v.requires_grad:  # out-of-place: a copy of prompt + window, bounded by the window
             K, V = K.index_copy(2, self.slots, k), V.index_copy(2, self.slots, v)
         return K, V

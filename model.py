@@ -290,6 +290,15 @@ def load_model(name_or_path: str, dtype=None, device=None):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
     model = model.to(device).eval().requires_grad_(False)
+    if device.type == "cpu":
+        # Store every linear weight (out, in) column-major, i.e. as a contiguous W^T: F.linear then runs the plain
+        # x @ W^T GEMM (no transposed operand), which for decode's few rows is much faster on CPU (MKL) than the
+        # transposed-B GEMM that row-major weights get. Same values, shapes, names and autograd: only the strides.
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight = nn.Parameter(mod.weight.t().contiguous().t(), requires_grad=False)
+        if cfg.tie_word_embeddings:
+            model.model.embed_tokens.weight = model.lm_head.weight
     model.name_or_path = name_or_path
     tok = Tokenizer(folder, extra_eos=cfg.eos_token_ids)
     return model, tok
@@ -313,8 +322,8 @@ def sample(logits, temperature, top_p, generator=None):
     The recorded log-prob ignores top-p truncation (as verl does): replay recomputes exactly this quantity."""
     logits = logits.float()
     if temperature == 0:
-        tok = logits.argmax(-1)
-        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+        tok = logits.argmax(-1)  # log pi(tok) = logit - logsumexp: no (B, V) log-softmax tensor
+        return tok, logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
     logp = torch.log_softmax(logits / temperature, -1)
     probs = logp.exp()
     if top_p < 1.0:
@@ -362,7 +371,7 @@ def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, top_p=1.
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model(idx, cache)[:, -1]  # prefill: the prompt goes into the pinned region
+    logits = model.lm_head(model(idx, cache, hidden_only=True)[:, -1])  # prefill (pinned region); last logits only
     steps = range(max_new_tokens)
     if progress:
         from tqdm import tqdm
