@@ -15,8 +15,8 @@ decode  Both sides run the SAME random weights: a transformers Qwen2ForCausalLM(
         model.load_model. Throughput = batch * new_tokens / wall time of one whole generate call, i.e. the
         32-token prefill is included on both sides. The "step" columns are batch / median time of one decode
         step (a forward hook stamps every forward call: prefill excluded, robust to bursts of load). Warm-up:
-        one short generate per side and batch size before timing. With --repeats R the sides run in ABBA order and the fastest run of
-        each is kept, so slow drift of the box's load hits both sides alike.
+        one short generate per side and batch size before timing. With --repeats R the sides run in ABBA
+        order and the fastest run of each is kept, so slow drift of the box's load hits both sides alike.
 window  Per-token decode time versus generation length, cache mode "full" and "window" (model.generate's
         loop, re-written here with a timer around each step: needs_evict() -> evict() -> model(tok, cache)).
         One run of max(lengths) tokens per mode, the two modes interleaved step by step (so load from other
@@ -392,13 +392,8 @@ def random_transformer(shape, dtype, device, seed=0):
 def peak_tensor_memory(fn, device="cpu"):
     """-> (fn(), peak bytes of tensors allocated during the call). CUDA: max_memory_allocated above the level before.
     CPU: torch.profiler's allocation events replayed in order (exact tensor accounting, unlike sampled RSS)."""
-    if device != "cpu":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = fn()
-        torch.cuda.synchronize()
-        return out, torch.cuda.max_memory_allocated() - base
+    if torch.device(device).type == "cuda":
+        return measure_peak_memory(fn, device)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import grpo
+from bench import peak_tensor_memory  # exact CPU tensor accounting (torch.profiler)
 from model import ModelConfig, Transformer, generate, load_model
 from pte import load_adapters, replay
 from tokenizer import Tokenizer
@@ -126,25 +127,12 @@ def accuracy(model, tok, adapters, problems, window, K, NF):
     return acc, out.kv_bytes
 
 
-def peak_tensor_memory(fn):
-    """Peak bytes of CPU tensors allocated while fn() runs (torch.profiler's memory events, replayed in order):
-    exact allocator accounting, unlike sampling RSS."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    cur = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
-
-
 def replay_step_memory(model, tok, adapters, problems, window, K, NF):
     """Peak tensor memory of one replay + backward (the training step's cost) on 16 teacher-forced completions."""
     P = [grpo.encode_prompt(tok, p["problem"], "boxed") for p in problems]
     Y = torch.tensor([tok.encode(" ".join(completion_words(p["problem"], NF))) + [3] for p in problems])
-    peak = peak_tensor_memory(lambda: replay(model, adapters, P, Y, window, 1.0,
-                                             loss_fn=lambda lp, t0, t1: -lp.mean(), pad_id=tok.pad_id))
+    _, peak = peak_tensor_memory(lambda: replay(model, adapters, P, Y, window, 1.0,
+                                                loss_fn=lambda lp, t0, t1: -lp.mean(), pad_id=tok.pad_id))
     adapters.zero_grad(set_to_none=True)
     return peak
 

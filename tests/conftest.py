@@ -94,3 +94,12 @@ def llama_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama")
     make_hf_model(d, "llama")
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core CPU, 2-thread OpenMP under contention is 10x+ slower for tiny models."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

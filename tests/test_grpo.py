@@ -24,12 +24,7 @@ TOY_ARGS = ["--reward", "toy", "--group-size", "4", "--prompts-per-step", "4", "
             "--max-new-tokens", "12", "--window", "4", "--rank", "4", "--global-tokens", "4", "--lr", "3e-2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

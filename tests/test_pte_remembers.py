@@ -54,14 +54,10 @@ def accuracy(model, ad, window, g):
     return float((lp.argmax(1) == y[:, -1]).float().mean())
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_pte_remembers_evicted_thought(state_softmax=False):
     # the literal Eq. 4. With 150 steps the softmax variant (--state-softmax) is still at 15%: it learns slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: threading only adds overhead
-    try:
-        run_remember(state_softmax)
-    finally:
-        torch.set_num_threads(threads)
+    run_remember(state_softmax)
 
 
 def run_remember(state_softmax):
