@@ -356,10 +356,11 @@ def eviction_steps(window, n_tokens):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, top_p=1.0, window=None, adapter=None,
-             generator=None, pad_id=0, progress=False) -> Generation:
+             generator=None, pad_id=0, progress=False, on_token=None) -> Generation:
     """Batched decode under cache policy D. prompts: list of token-id lists (any lengths; left-padded).
     window=None: full cache; window=W: W thought slots, evicting the oldest ceil(W/4) when full.
-    adapter (pte.py): reset(B) before prefill, fold(K_e, V_e) at each eviction event (PTE's Eq. 4/6)."""
+    adapter (pte.py): reset(B) before prefill, fold(K_e, V_e) at each eviction event (PTE's Eq. 4/6).
+    on_token(tok (B,)): called with every sampled token (the CLI streams with it)."""
     device = next(model.parameters()).device
     idx, plens = left_pad(prompts, pad_id, device)
     B = len(prompts)
@@ -380,6 +381,8 @@ def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, top_p=1.
         tok, lp = sample(logits, temperature, top_p, generator)
         tok = torch.where(done, pad_id, tok)
         tokens[:, t], logprobs[:, t] = tok, torch.where(done, 0.0, lp)
+        if on_token is not None:
+            on_token(tok)
         newly = ~done & torch.isin(tok, stop)
         lengths = torch.where(newly, t + 1, lengths)
         done = done | newly
@@ -425,10 +428,20 @@ def main(argv=None):
            [{"role": "user", "content": args.prompt}]
     ids = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    reply, shown = [], ""
+
+    def stream(t):  # decode the whole reply so far: a multi-byte character prints once it is complete
+        nonlocal shown
+        reply.append(int(t[0]))
+        text = tok.decode(reply)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
     out = generate(model, [ids], args.max_new_tokens, tok.stop_ids, args.temperature, args.top_p, window,
-                   generator=g, pad_id=tok.pad_id, progress=True)
+                   generator=g, pad_id=tok.pad_id, on_token=stream)
     n = int(out.lengths[0])
-    print(tok.decode(out.tokens[0, :n].tolist()))
+    print(tok.decode(out.tokens[0, :n].tolist())[len(shown):])
     print(f"[{n} tokens, {int(out.evictions[0])} eviction events, KV cache {out.kv_bytes / 2**20:.1f} MiB]",
           file=sys.stderr)
     return 0
