@@ -216,10 +216,6 @@ class Adapters(nn.Module):
         self.activate(self.S)
 
 
-def attach(model, cfg: AdapterConfig) -> Adapters:
-    return Adapters(model, cfg)
-
-
 # -----------------------------------------------------------------------------------------------------------
 # replay: log-probs of given completions, under the same method, window and eviction schedule as the rollout
 
