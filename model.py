@@ -13,7 +13,6 @@ The cache (cache.py) is the only place that knows about eviction; PTE hooks in t
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,7 +355,7 @@ def eviction_steps(window, n_tokens):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, top_p=1.0, window=None, adapter=None,
-             generator=None, pad_id=0, progress=False, on_token=None) -> Generation:
+             generator=None, pad_id=0, on_token=None) -> Generation:
     """Batched decode under cache policy D. prompts: list of token-id lists (any lengths; left-padded).
     window=None: full cache; window=W: W thought slots, evicting the oldest ceil(W/4) when full.
     adapter (pte.py): reset(B) before prefill, fold(K_e, V_e) at each eviction event (PTE's Eq. 4/6).
@@ -373,11 +372,7 @@ def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, top_p=1.
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model.lm_head(model(idx, cache, hidden_only=True)[:, -1])  # prefill (pinned region); last logits only
-    steps = range(max_new_tokens)
-    if progress:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="generate", leave=False)
-    for t in steps:
+    for t in range(max_new_tokens):
         tok, lp = sample(logits, temperature, top_p, generator)
         tok = torch.where(done, pad_id, tok)
         tokens[:, t], logprobs[:, t] = tok, torch.where(done, 0.0, lp)
