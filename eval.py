@@ -50,14 +50,13 @@ from pathlib import Path
 import torch
 
 from data import BENCHMARKS, PROMPT_STYLES, DataError, build_user_message, extract_answer, is_correct, load_benchmark
-from model import ModelError, generate, load_model
+from model import DTYPES, ModelError, generate, load_model
 from pte import AdapterError, fingerprint, load_adapters, read_adapter_meta
 
 PAPER_BENCHMARKS = ("math500", "olympiadbench", "amc23", "aime24", "aime25", "minerva")
 DEFAULT_SAMPLES = {"aime24": 16, "aime25": 16, "amc23": 16, "olympiadbench": 16}  # every other benchmark: 1
 PASS_HEADLINE = ("aime24", "aime25")  # reported as pass@K; the others as avg@K
 FAMILY_SAMPLING = {"qwen-instruct": (0.7, 0.8), "r1-distill": (0.6, 0.95), "unknown": (0.7, 0.8)}
-DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # what model.load_model accepts
 SIXTH_NOTE = "minerva as the sixth benchmark is inferred (paper-method.md §5), not confirmed by the paper"
 
 
@@ -298,7 +297,7 @@ def check_args(a):
     if a.top_p is not None and not 0 < a.top_p <= 1:
         raise EvalError(f"--top-p must be in (0, 1] (got {a.top_p})")
     if a.dtype is not None and a.dtype not in DTYPES:
-        raise EvalError(f"unknown --dtype {a.dtype!r}; valid: {', '.join(DTYPES)}")
+        raise EvalError(f"unknown --dtype {a.dtype!r}; valid: {', '.join(sorted(DTYPES))}")
     if a.prompt_style is not None and a.prompt_style not in PROMPT_STYLES:
         raise EvalError(f"unknown --prompt-style {a.prompt_style!r}; valid styles: {', '.join(PROMPT_STYLES)}")
 

@@ -297,12 +297,9 @@ def policy_loss(mb: MicroBatch, cfg: GRPOConfig, stats: dict):
 
 
 def make_optimizer(adapters, cfg: GRPOConfig):
-    """AdamW over the adapter parameters only (the base model is frozen). Adapters live in the model's dtype (bf16
-    on GPU), where an update of lr 1e-5 is mostly below the weights' resolution, so AdamW steps fp32 master copies
-    that are written back after each step (in fp32 the masters are the parameters themselves)."""
-    params = list(adapters.parameters())
-    master = params if all(p.dtype == torch.float32 for p in params) else \
-        [p.detach().float().clone().requires_grad_() for p in params]
+    """AdamW over the adapter parameters only (the base model is frozen). The adapters are fp32 even on a bf16
+    model (pte.adapter_dtype), so they are their own master weights: `master` is the parameter list."""
+    master = list(adapters.parameters())
     return torch.optim.AdamW(master, lr=cfg.lr, weight_decay=cfg.weight_decay), master
 
 
@@ -640,8 +637,8 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and at the last step)")
     a("--keep", type=int, default=d.keep, help="keep the last K checkpoints")
     a("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out")
-    a("--dtype", default=None, choices=["float32", "bfloat16"], help="model dtype (default: bf16 on CUDA, fp32 on "
-      "CPU); the optimizer keeps fp32 master weights")
+    a("--dtype", default=None, choices=["float32", "bfloat16", "float64"], help="model dtype (default: bf16 on CUDA, fp32 on "
+      "CPU; float64 for exactness checks); adapters and AdamW state stay fp32")
     a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     a("--log-samples", type=int, default=d.log_samples, help="decoded samples per step in log.jsonl")
     args = ap.parse_args(argv)

@@ -28,6 +28,16 @@ class ModelError(ValueError):
     """Bad model input (missing folder, corrupt file, unsupported config). The message is one line."""
 
 
+# what --dtype accepts everywhere (float64: exactness tests and debugging on CPU)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+
+
+def logprob_dtype(dtype):
+    """Log-probs are computed in fp32 at least (fp64 for an fp64 model, so exactness tests keep their digits)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 # -----------------------------------------------------------------------------------------------------------
 # config
 
@@ -269,8 +279,7 @@ def load_model(name_or_path: str, dtype=None, device=None):
     from tokenizer import Tokenizer
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+        dtype = DTYPES[dtype]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     folder = resolve_model_dir(name_or_path)
     cfg = ModelConfig.from_hf(read_json(folder / "config.json"))
@@ -319,7 +328,7 @@ class Generation:
 def sample(logits, temperature, top_p, generator=None):
     """logits (B, V) -> token (B,), log-prob (B,) under softmax(logits / T). Greedy when T == 0.
     The recorded log-prob ignores top-p truncation (as verl does): replay recomputes exactly this quantity."""
-    logits = logits.float()
+    logits = logits.to(logprob_dtype(logits.dtype))
     if temperature == 0:
         tok = logits.argmax(-1)  # log pi(tok) = logit - logsumexp: no (B, V) log-softmax tensor
         return tok, logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
@@ -368,7 +377,7 @@ def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, top_p=1.
         adapter.reset(B)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(B, max_new_tokens, device=device)
+    logprobs = torch.zeros(B, max_new_tokens, dtype=logprob_dtype(next(model.parameters()).dtype), device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model.lm_head(model(idx, cache, hidden_only=True)[:, -1])  # prefill (pinned region); last logits only
@@ -405,7 +414,8 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                    help="float32 | bfloat16 | float64 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

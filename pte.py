@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import eviction_steps, left_pad
+from model import eviction_steps, left_pad, logprob_dtype
 
 METHODS = ("lora", "lora_c", "pte")
 TARGETS = {"qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -78,6 +78,13 @@ class AdapterConfig:
 # -----------------------------------------------------------------------------------------------------------
 # LoRA factors and the adapted linear layer (Eq. 5)
 
+def adapter_dtype(model_dtype):
+    """Adapter parameters (and so their gradients and AdamW's state) are fp32 even on a bf16 model: an update of
+    lr 1e-5 is mostly below bf16's resolution, and a bf16 .grad summed over ~2k segment backward calls per step
+    loses several percent of the gradient. fp64 models (exactness tests) get fp64 adapters."""
+    return torch.promote_types(model_dtype, torch.float32)
+
+
 class LoRA(nn.Module):
     def __init__(self, d_in, d_out, r):
         super().__init__()
@@ -98,10 +105,12 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if not la.enabled:
             return y
-        h = x @ lora.B.T                         # (B, T, r)
+        # adapters are kept in fp32 and cast to the activations' dtype here (the casts are differentiable,
+        # so their .grad accumulates in fp32 over every segment and micro-batch, never in bf16)
+        h = x @ lora.B.T.to(x.dtype)                       # (B, T, r)
         if la.S_active is not None:
-            h = h @ la.S_active.transpose(1, 2)  # row form of S (B x): each sequence its own S
-        return y + self.scale * (h @ lora.A.T)
+            h = h @ la.S_active.transpose(1, 2).to(x.dtype)  # row form of S (B x): each sequence its own S
+        return y + self.scale * (h @ lora.A.T.to(x.dtype))
 
 
 class _LinearState(torch.autograd.Function):
@@ -183,7 +192,7 @@ class Adapters(nn.Module):
             for n, lin in lins.items():
                 setattr(owners[n], n, LoRALinear(lin, la.lora[n], la, cfg.alpha / cfg.rank))
         p = next(model.parameters())
-        self.to(device=p.device, dtype=p.dtype)
+        self.to(device=p.device, dtype=adapter_dtype(p.dtype))
         self.S = None  # the chain of states (one (B, r, r) per layer) of the sequence batch being processed
         self.base_fingerprint = fingerprint(model)
         self.base_name = getattr(model, "name_or_path", None)
@@ -210,7 +219,8 @@ class Adapters(nn.Module):
         if not self.is_pte or self.cfg.global_only:
             return
         L, B, H, E, D = K_e.shape
-        flat = lambda X: X.transpose(2, 3).reshape(L, B, E, H * D)  # (L, B, E, d_kv)
+        dt = next(self.parameters()).dtype  # the state is computed in the adapters' dtype (fp32 on a bf16 model)
+        flat = lambda X: X.transpose(2, 3).reshape(L, B, E, H * D).to(dt)  # (L, B, E, d_kv)
         K_e, V_e = flat(K_e), flat(V_e)
         self.S = [la.normalize(S + la.encode(K_e[i], V_e[i])) for i, (la, S) in enumerate(zip(self.layers, self.S))]
         self.activate(self.S)
@@ -226,7 +236,7 @@ def token_logprobs(model, h, targets, temperature=1.0, chunk=256):
     T = temperature if temperature > 0 else 1.0
 
     def f(h_c, t_c):
-        return torch.log_softmax((h_c @ W.T).float() / T, -1).gather(-1, t_c[..., None])[..., 0]
+        return torch.log_softmax((h_c @ W.T).to(logprob_dtype(h_c.dtype)) / T, -1).gather(-1, t_c[..., None])[..., 0]
 
     out = []
     for i in range(0, h.shape[1], chunk):

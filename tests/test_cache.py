@@ -6,7 +6,12 @@ import torch
 from cache import EMPTY, KVCache
 from model import apply_rope, eviction_steps, generate, load_model, rope_cos_sin
 
-TOL = 1e-4
+# The window must equal the explicit mask exactly; float64 tests that (tolerance 1e-9; measured: 0). One fp32
+# case per property stays, with a tolerance derived from measurement: over every case here, worst |window -
+# explicit mask| on logits was 1.8e-6 (T=1 decode vs one full forward: different summation orders; 1 or 2
+# threads, torch 2.13 CPU), so 1e-4 leaves ~55x headroom; a wrong mask or position moves logits by > 1e-2.
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+DTYPES = [torch.float64, torch.float32]
 PLENS = [5, 11, 2]  # left-padded to P = 11 in one batch
 
 
@@ -15,7 +20,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def models(qwen_dir, llama_dir):
-    return {"qwen2": load_model(str(qwen_dir))[0], "llama": load_model(str(llama_dir))[0]}
+    """models(kind, dtype=fp32) -> our model, loaded once per module."""
+    loaded = {}
+
+    def get(kind, dtype=torch.float32):
+        if (kind, dtype) not in loaded:
+            loaded[kind, dtype] = load_model(str(qwen_dir if kind == "qwen2" else llama_dir), dtype)[0]
+        return loaded[kind, dtype]
+    return get
 
 
 def tokens(B, T, seed, vocab=256):
@@ -91,9 +103,12 @@ CASES = [(1, 7), (2, 9), (4, 15), (5, 18), (8, 27), (40, 12)]  # (W, thought tok
 
 @pytest.mark.parametrize("W,N", CASES)
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @torch.no_grad()
-def test_window_equals_explicit_mask(models, kind, W, N):
-    model = models[kind]
+def test_window_equals_explicit_mask(models, kind, W, N, dtype):
+    if dtype == torch.float32 and (kind, W) != ("llama", 4):
+        pytest.skip("fp32: one case (the exactness itself is tested in float64)")
+    model = models(kind, dtype)
     _, prompt_idx = padded_prompts(PLENS)
     thoughts = tokens(len(PLENS), N, seed=W)
     got, events, _ = step_through(model, prompt_idx, thoughts, PLENS, W)
@@ -102,18 +117,21 @@ def test_window_equals_explicit_mask(models, kind, W, N):
     pos, mask = reference_pos_mask(PLENS, N, W)
     idx = torch.cat([prompt_idx, thoughts], 1)
     want = model(idx, pos=pos, mask=mask)
-    assert real_rows(got, want, PLENS) < TOL
+    assert real_rows(got, want, PLENS) < TOL[dtype]
     if events:  # non-vacuous: the window really changed the logits relative to a full causal cache
         full_pos, full_mask = reference_pos_mask(PLENS, N, None)
         assert real_rows(got, model(idx, pos=full_pos, mask=full_mask), PLENS) > 1e-2
 
 
 @pytest.mark.parametrize("W,N", [(4, 15), (5, 18)])
+@pytest.mark.parametrize("dtype", DTYPES)
 @torch.no_grad()
-def test_chunked_replay_equals_explicit_mask(models, W, N):
+def test_chunked_replay_equals_explicit_mask(models, W, N, dtype):
     """Teacher-forced replay in chunks between eviction events (prompt + first W thoughts in one call, then
     ceil(W/4) thoughts per call) gives the same logits as token-by-token: the in-chunk mask and ring wrap."""
-    model = models["qwen2"]
+    if dtype == torch.float32 and W != 5:
+        pytest.skip("fp32: one case")
+    model = models("qwen2", dtype)
     _, prompt_idx = padded_prompts(PLENS)
     thoughts = tokens(len(PLENS), N, seed=W)
     cache = model.new_cache(PLENS, N, window=W)
@@ -125,15 +143,19 @@ def test_chunked_replay_equals_explicit_mask(models, W, N):
         out.append(model(thoughts[:, a:b], cache))
     pos, mask = reference_pos_mask(PLENS, N, W)
     want = model(torch.cat([prompt_idx, thoughts], 1), pos=pos, mask=mask)
-    assert real_rows(torch.cat(out, 1), want, PLENS) < TOL
+    assert real_rows(torch.cat(out, 1), want, PLENS) < TOL[dtype]
 
 
 @pytest.mark.parametrize("W", [4, 5])
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @torch.no_grad()
-def test_generate_window_equals_masked_recompute(models, kind, W):
-    """model.generate(window=W) greedy == a greedy loop that recomputes the full masked forward every step."""
-    model = models[kind]
+def test_generate_window_equals_masked_recompute(models, kind, W, dtype):
+    """model.generate(window=W) greedy == a greedy loop that recomputes the full masked forward every step.
+    (Greedy token equality is exact in float64; in fp32 a near-tie could flip on another CPU: one case.)"""
+    if dtype == torch.float32 and (kind, W) != ("qwen2", 4):
+        pytest.skip("fp32: one case")
+    model = models(kind, dtype)
     prompts, prompt_idx = padded_prompts(PLENS, seed=7)
     n = 3 * W + 2
     out = generate(model, prompts, n, stop_ids=[], window=W, pad_id=0)
@@ -143,8 +165,8 @@ def test_generate_window_equals_masked_recompute(models, kind, W):
         logits = model(seqs, pos=pos, mask=mask)[:, -1]
         nxt = logits.argmax(-1)
         assert torch.equal(out.tokens[:, s], nxt), f"step {s}"
-        lp = torch.log_softmax(logits.float(), -1).gather(-1, nxt[:, None])[:, 0]
-        assert (out.logprobs[:, s] - lp).abs().max() < TOL
+        lp = torch.log_softmax(logits, -1).gather(-1, nxt[:, None])[:, 0]
+        assert (out.logprobs[:, s] - lp).abs().max() < TOL[dtype]
         seqs = torch.cat([seqs, nxt[:, None]], 1)
     assert out.evictions.tolist() == [len([e for e in held_schedule(W, n)[1] if e <= n - 2])] * len(PLENS)
 
@@ -156,7 +178,7 @@ def tensor_storage_bytes(cache):
 
 @torch.no_grad()
 def test_window_memory_is_fixed(models):
-    model, W = models["qwen2"], 4
+    model, W = models("qwen2"), 4
     cfg = model.cfg
     _, prompt_idx = padded_prompts(PLENS)
     thoughts = tokens(len(PLENS), 8 * W, seed=1)
@@ -186,14 +208,15 @@ def test_window_memory_is_fixed(models):
 
 @torch.no_grad()
 def test_full_mode_never_evicts_and_overflow_raises(models):
-    model = models["llama"]
+    model = models("llama")
     N = 12
     _, prompt_idx = padded_prompts(PLENS)
     thoughts = tokens(len(PLENS), N + 1, seed=2)
     got, events, cache = step_through(model, prompt_idx, thoughts[:, :N], PLENS, None)
     assert events == [] and cache.mode == "full" and cache.n_evicted == 0
     pos, mask = reference_pos_mask(PLENS, N, None)
-    assert real_rows(got, model(torch.cat([prompt_idx, thoughts[:, :N]], 1), pos=pos, mask=mask), PLENS) < TOL
+    got_full = model(torch.cat([prompt_idx, thoughts[:, :N]], 1), pos=pos, mask=mask)
+    assert real_rows(got, got_full, PLENS) < TOL[torch.float32]
     assert not cache.needs_evict()
     with pytest.raises(RuntimeError):
         model(thoughts[:, N:], cache)
@@ -208,11 +231,14 @@ def test_full_mode_never_evicts_and_overflow_raises(models):
 
 
 @pytest.mark.parametrize("W", [4, 6])
+@pytest.mark.parametrize("dtype", DTYPES)
 @torch.no_grad()
-def test_evict_returns_oldest_keys_values_positions(models, W):
+def test_evict_returns_oldest_keys_values_positions(models, W, dtype):
     """Every eviction event returns (L, B, H, E, D) keys/values equal to the post-RoPE keys and the values of
     exactly the oldest held thoughts (checked against the explicit-mask forward), with their positions."""
-    model = models["qwen2"]
+    if dtype == torch.float32 and W != 6:
+        pytest.skip("fp32: one case")
+    model = models("qwen2", dtype)
     cfg = model.cfg
     E, N = -(-W // 4), 3 * W + 1
     _, prompt_idx = padded_prompts(PLENS)
@@ -230,7 +256,7 @@ def test_evict_returns_oldest_keys_values_positions(models, W):
     for h in hooks:
         h.remove()
     B, T = pos.shape
-    cos, sin = rope_cos_sin(model.inv_freq, pos, torch.float32)
+    cos, sin = rope_cos_sin(model.inv_freq, pos, dtype)
     K = torch.stack([apply_rope(kv["k", l].view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2), cos, sin)
                      for l in range(cfg.n_layers)])  # (L, B, H, T, D)
     V = torch.stack([kv["v", l].view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -245,8 +271,8 @@ def test_evict_returns_oldest_keys_values_positions(models, W):
         assert K_e.shape == V_e.shape == (cfg.n_layers, len(PLENS), cfg.n_kv_heads, E, cfg.head_dim)
         assert pos_e.tolist() == [[L + s for s in gone] for L in PLENS]
         cols = [P + s for s in gone]
-        assert (K_e - K[:, :, :, cols]).abs().max() < TOL
-        assert (V_e - V[:, :, :, cols]).abs().max() < TOL
+        assert (K_e - K[:, :, :, cols]).abs().max() < TOL[dtype]
+        assert (V_e - V[:, :, :, cols]).abs().max() < TOL[dtype]
 
 
 def test_header_worked_example():
@@ -296,6 +322,6 @@ def test_window_below_one_raises(models, window):
     with pytest.raises(ValueError):
         KVCache(2, [3, 5], 2, 4, 10, window=window)
     with pytest.raises(ValueError):
-        models["qwen2"].new_cache([3, 5], 10, window=window)
+        models("qwen2").new_cache([3, 5], 10, window=window)
     with pytest.raises(ValueError):
-        generate(models["qwen2"], [[1, 2, 3]], 4, stop_ids=[], window=window)
+        generate(models("qwen2"), [[1, 2, 3]], 4, stop_ids=[], window=window)

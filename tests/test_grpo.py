@@ -53,7 +53,7 @@ def setup(model_dir, **kw):
                    lr=3e-2), **kw)
     cfg = grpo.GRPOConfig(model=str(model_dir), **kw)
     grpo.validate(cfg, 1)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, cfg.dtype)
     torch.manual_seed(0)
     adapters = Adapters(model, grpo.adapter_config(cfg))
     opt, master = grpo.make_optimizer(adapters, cfg)
@@ -72,11 +72,18 @@ def test_advantages_worked_example():
     assert torch.allclose(A[0], torch.tensor([0.75, -0.25, -0.25, -0.25]))
 
 
-@pytest.mark.parametrize("method,window", [("lora", None), ("lora_c", 6), ("pte", 6)])
-def test_first_update_ratio_is_one(qwen_dir, method, window):
+# max |ratio - 1| at the first update: exactly 0 measured in float64; in fp32 the worst measured was 2.4e-6 (pte;
+# 9.5e-7 for lora and lora_c; 1 or 2 threads), so 1e-4 leaves ~40x headroom (see test_pte's REPLAY_TOL).
+RATIO_TOL = {"float64": 1e-9, "float32": 1e-4}
+
+
+@pytest.mark.parametrize("method,window,dtype", [("lora", None, "float64"), ("lora_c", 6, "float64"),
+                                                 ("pte", 6, "float64"), ("pte", 6, "float32")])
+def test_first_update_ratio_is_one(qwen_dir, method, window, dtype):
     """Random non-zero adapters, a window smaller than the completion: at the first update the replayed log-probs
     equal the rollout's, so every ratio is 1 and nothing is clipped; the adapters get a gradient."""
-    cfg, model, tok, ad, opt, master = setup(qwen_dir, method=method, window=window, max_new_tokens=24)
+    cfg, model, tok, ad, opt, master = setup(qwen_dir, method=method, window=window, max_new_tokens=24,
+                                             dtype=dtype)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in ad.parameters():
@@ -85,7 +92,7 @@ def test_first_update_ratio_is_one(qwen_dir, method, window):
     m = grpo.grpo_step(model, ad, opt, master, tok, problems, cfg, step=1,
                        reward_fn=lambda text, gold, truncated: float(len(text) % 2))
     assert m["updated"] and m["tokens"] > 100
-    assert m["ratio_dev0"] <= 1e-5 and m["clip_frac"] == 0.0
+    assert m["ratio_dev0"] <= RATIO_TOL[dtype] and m["clip_frac"] == 0.0
     assert m["grad_norm"] > 0
     if window:
         assert min(m["evictions"]) >= 2
@@ -150,8 +157,12 @@ def env1():
 
 
 def test_torchrun_matches_one_process(toy_dir, toy_data, tmp_path):
-    """2 processes (gloo), 2 prompts each, == 1 process with the same 4 prompts per step (float tolerance)."""
-    args = ["--model", toy_dir, "--train-data", toy_data, *TOY_ARGS, "--steps", "2"]
+    """2 processes (gloo), 2 prompts each, == 1 process with the same 4 prompts per step. The two runs sum the
+    gradient in different orders, and AdamW amplifies a rounding difference in a gradient element that nearly
+    cancels by up to lr / eps = 3e-2 / 1e-8 = 3e6. So the test runs in float64, where the worst difference
+    measured was 4.7e-9; 1e-6 leaves ~200x headroom, and a real defect (a rank's share dropped or counted twice,
+    a missing all-reduce) moves a parameter by ~lr = 3e-2."""
+    args = ["--model", toy_dir, "--train-data", toy_data, *TOY_ARGS, "--steps", "2", "--dtype", "float64"]
     run_main([*args, "--out", tmp_path / "one"])
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "grpo.py", *map(str, args), "--out", str(tmp_path / "two")], cwd=ROOT, env=env1(),
@@ -160,8 +171,9 @@ def test_torchrun_matches_one_process(toy_dir, toy_data, tmp_path):
     from safetensors.torch import load_file
     a, b = (load_file(tmp_path / r / "ckpt-000002" / "adapter.safetensors") for r in ("one", "two"))
     assert any(a[k].abs().max() > 0 for k in a if k.endswith(".A"))
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, float((a[k] - b[k]).abs().max()))
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"max |one process - torchrun| over the adapters: {diff:.1e}")
+    assert diff < 1e-6
     la, lb = ([json.loads(x) for x in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("one", "two"))
     assert [x["reward"] for x in la] == [x["reward"] for x in lb] and any(x["updated"] for x in la)
     assert [x["seeds"] for x in la] == [x["seeds"] for x in lb]
