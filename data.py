@@ -8,9 +8,12 @@ It evaluates on MATH500, OlympiadBench, AMC23, AIME24/25 and (probably) Minerva 
   load_train(spec)           DAPO-Math-17k from the hub (deduplicated), or a local JSONL of {"problem", "answer"}
   load_benchmark(name)       one of BENCHMARKS, from --data-dir / $PTE_DATA_DIR (offline copies) or from the hub
   build_user_message(p)      the user turn: "boxed" (Qwen2.5-Math style) or "dapo" (the DAPO template)
-  extract_answer(text)       the final answer of a completion: last \\boxed{...}, else the last "Answer: X" line
+  extract_answer(text)       the final answer of a completion: after its last marker (\\boxed{}, "Answer:", "The
+                             final answer is", "####", "the answer is"), else the whole completion if it is only
+                             an answer; strict=True: only the prompt style's own marker
   is_equiv(pred, gold)       the comparison: normalise -> integers -> numbers -> lists/intervals -> math-verify
-  reward(text, gold)         1.0 / 0.0, the GRPO reward
+  is_correct(text, gold)     extract + compare, lenient (evaluation)
+  reward(text, gold)         1.0 / 0.0, the GRPO reward: strict by default (training teaches the asked format)
 
 Usage:
   from data import load_benchmark, build_user_message, reward
@@ -194,7 +197,35 @@ def build_user_message(problem, style="boxed"):
     return problem + BOXED_SUFFIX if style == "boxed" else DAPO_PREFIX + problem + DAPO_SUFFIX
 
 # -----------------------------------------------------------------------------
-# answer extraction: grade the completion only, and never guess (no "last number in the text" fallback)
+# answer extraction: grade the completion only, and never guess (no "last number in the text" fallback).
+# The answer follows the LAST final-answer marker of the completion, whatever the prompt style asked for: a
+# model that boxes 5 and then ends with "Answer: 7" answered 7. The markers, all of equal rank:
+#   \boxed{X}, \fbox{X}           Qwen2.5-Math's CoT prompt (style "boxed"), MATH solutions
+#   a line "Answer: X"            DAPO's prompt (style "dapo"); also "**Answer:** X", "Final Answer: X"
+#   "The final answer is $X$",    Minerva's format ("Final Answer: The final answer is $X$. I hope it is ...")
+#   "the answer is X"             and plain English; only at the start of a sentence or after so/thus/hence/...,
+#                                 and only if X looks like an answer (a $..$ or **..** span, or text that starts
+#                                 like math), so that "\boxed{5}. So the answer is correct." stays 5
+#   "#### X"                      GSM8K's format; X must start like a number ("#### Step 2" is a heading)
+# A marker inside the last box is part of the box. With no marker at all, the answer is the completion itself
+# when it is nothing but an answer ("7/2", "$x = 3$", "**Paris**"), else its last line when that is a bold span
+# ("**12**"); prose and worked equations ("12 + 30 = 42") are no answer.
+# strict=True keeps only the prompt style's own marker ("boxed": boxes, "dapo": Answer lines, None: either) and
+# has no fallback: the training reward (see reward()).
+
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_ANSWER_LINE = re.compile(r"(?im)^[ \t*#>_]*(?:final )?answer[*_]*[ \t]*:[ \t*_]*(.*?)[ \t]*$")
+_PHRASE = re.compile(r"(?im)(?:^|(?<=[.!?:;])[ \t]+|\b(?:so|thus|hence|therefore|then)\b,?[ \t]+)[ \t>#]*"
+                     r"(\*\*)?the[ \t]+(?:final[ \t]+|correct[ \t]+)?answer[ \t]+is\b[ \t:]*(?(1)(?:\*\*[ \t:]*)?)")
+# "#### 18", "#### **18**", but not a markdown heading "#### Step 2", "#### 1. Setup"
+_HASHES = re.compile(r"####[ \t]*(?=\**[-+\d.$\\(\[\u2212])(?!\**\d+[.)][ \t]+[A-Za-z])([^\n]*)")
+# a delimited answer: $$..$$, $..$ (escaped \$ inside), \(..\), \[..\], **..**; several $..$ ("$69$, $84$")
+_SPAN = re.compile(r"\$\$(.+?)\$\$|\$((?:\\.|[^\\$])+)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]|\*\*([^*]+)\*\*", re.S)
+_SPANS = re.compile(r"\$(?:\\.|[^\\$])+\$(?:[ \t]*(?:,|and|or)[ \t]*\$(?:\\.|[^\\$])+\$)+")
+MARKERS = ("box", "line", "phrase", "hashes")
+STRICT_MARKERS = {"boxed": ("box",), "dapo": ("line",), None: ("box", "line")}  # prompt style -> its marker
+ANSWER_MAX_CHARS = 100  # undelimited text longer than this, bare or after "the answer is", is prose
+SPAN_MAX_CHARS = 1000  # but a $..$ span may be long (Minerva's formulas): how far we look for one
 
 
 def _balanced(s, i):
@@ -212,33 +243,136 @@ def _balanced(s, i):
     return None
 
 
-def extract_answer(completion, truncated=False):
-    """The final answer string of a completion, or None if there is none (reward 0)."""
+def _box(text, m):
+    """(argument, end) of the box whose command m matched: argument None if empty or unterminated (an
+    unterminated box runs to the end of the text)."""
+    rest = text[m.end():]
+    j = len(rest) - len(rest.lstrip())
+    if rest[j:j + 1] == "{":
+        end = _balanced(rest, j)
+        if end is None:
+            return None, len(text)
+        return rest[j + 1:end].strip() or None, m.end() + end + 1
+    t = re.match(r"\s+([^\s$]+)", rest)  # "\boxed 5" (TeX allows a single-token argument)
+    return (t.group(1).rstrip(".") if t else None), m.end() + (t.end() if t else 0)
+
+
+def _tidy(s):
+    """ "**$34$**." -> "34": markdown bold, $ or \\( \\) around the answer, a final period; a box inside -> its
+    argument ("Answer: $\\boxed{34}$" under strict "dapo")."""
+    s = s.strip(" \t*$").rstrip(".").strip(" \t*$")
+    m = re.fullmatch(r"\\\((.*)\\\)|\\\[(.*)\\\]", s, re.S)
+    s = next((g for g in m.groups() if g is not None), "").strip() if m else s
+    boxes = list(_BOX.finditer(s))
+    return (_box(s, boxes[-1])[0] if boxes else s) or None
+
+
+def _answer_like(s, delimited=False, word=False):
+    """Does s look like an answer rather than prose? A delimited span ($..$, **..**) does (an equation too:
+    "$5x - 7y = 0$"); else s must not be a worked equation ("12 + 30 = 42"; "x = 3" is fine), and must be a
+    single word if word, or start like math ("42", "-x", "\\frac", "(B) 12", "x \\ge 2", "B.") and carry at
+    most a unit's few words."""
+    s = s.strip()
+    if not s or delimited:
+        return bool(s)
+    if len(s) > ANSWER_MAX_CHARS:
+        return False
+    lhs, eq, _ = s.partition("=")
+    if eq and not re.fullmatch(r"\s*(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?(?:\([A-Za-z]\))?\s*", lhs):
+        return False
+    if word and re.fullmatch(r"[A-Za-z]+", s):
+        return True
+    words = re.findall(r"(?<![\\A-Za-z])[A-Za-z]{2,}", re.sub(r"\\(?:text|mbox|mathrm)\s*\{[^{}]*\}", "", s))
+    starts = re.match(r"[-+\d.$\\(\[\u2212]|[A-Za-z](?=\s*(?:[=<>)\].:,]|\\[lg]|$))", s)
+    return bool(starts) and len(words) <= 3
+
+
+def _line_answer(text, m):
+    """The answer of an "Answer:" line, or of the next lines up to a blank one if it stops after the colon."""
+    ans = m.group(1)
+    if not ans.strip(" \t*_$"):
+        ans = " ".join(text[m.end():].lstrip("\n").split("\n\n", 1)[0].split("\n"))
+    return _tidy(ans)
+
+
+def _phrase_answer(text, m):
+    """(answer, delimited) after "the answer is": a leading $..$ or **..** span, else the sentence's rest."""
+    rest = text[m.end():m.end() + SPAN_MAX_CHARS].lstrip()  # a window: a hostile text repeats the phrase
+    spans, span = _SPANS.match(rest), _SPAN.match(rest)
+    if spans:
+        return spans.group(0), True
+    if span:
+        return next(g for g in span.groups() if g is not None).strip(), True
+    return re.split(r"\.(?=[\s*_]|$)", rest.split("\n", 1)[0], maxsplit=1)[0].strip(), False
+
+
+def _last_marker(text, kinds):
+    """(start, answer) of the last final-answer marker of the given kinds in text, or None if there is none."""
+    found, box_span = [], (0, 0)
+    boxes = list(_BOX.finditer(text)) if "box" in kinds else []
+    if boxes:
+        ans, end = _box(text, boxes[-1])
+        found.append((boxes[-1].start(), ans))
+        box_span = (boxes[-1].start(), end)
+    if "line" in kinds:
+        found += [(m.start(), _line_answer(text, m)) for m in list(_ANSWER_LINE.finditer(text))[-1:]]
+    if "hashes" in kinds:
+        found += [(m.start(), _tidy(m.group(1))) for m in list(_HASHES.finditer(text))[-1:]]
+    if "phrase" in kinds:
+        for m in reversed(list(_PHRASE.finditer(text))):  # the last one followed by something answer-like
+            ans, delimited = _phrase_answer(text, m)
+            if _answer_like(ans, delimited):
+                found.append((m.start(), _tidy(ans)))
+                break
+    found = [f for f in found if not box_span[0] < f[0] < box_span[1]]  # "\boxed{\text{Answer: 5}}" is a box
+    return max(found, key=lambda f: f[0]) if found else None
+
+
+def _bare(text):
+    """The answer of a completion without any marker: all of it if it is nothing but an answer, else its last
+    line if that is one bold span; None otherwise."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return None
+    whole = " ".join(lines).rstrip(".")
+    short = len(whole) <= SPAN_MAX_CHARS
+    spans, span = (_SPANS.fullmatch(whole), _SPAN.fullmatch(whole)) if short else (None, None)
+    if spans or span:
+        ans = spans.group(0) if spans else next(g for g in span.groups() if g is not None)
+        return _tidy(ans) if _answer_like(ans, delimited=True) else None
+    if _answer_like(whole, word=True):
+        return _tidy(whole)
+    bold = re.fullmatch(rf"\*\*([^*]{{1,{ANSWER_MAX_CHARS}}})\*\*\.?", lines[-1])
+    return _tidy(bold.group(1)) if bold and bold.group(1).strip() else None
+
+
+def extract_answer(completion, truncated=False, strict=False, style=None):
+    """The final answer string of a completion, or None if there is none (reward 0): what follows the last
+    final-answer marker, else a completion that is only an answer. strict: only style's own marker counts
+    ("boxed": \\boxed{}, "dapo": an "Answer:" line, None: either), and there is no fallback."""
+    if style not in STRICT_MARKERS:
+        raise DataError(f"unknown prompt style {style!r}; valid styles: {', '.join(PROMPT_STYLES)}")
     if truncated or not completion:  # a cut-off completion has no final answer, whatever it contains
         return None
     text = completion.rsplit("</think>", 1)[-1]  # reasoning models: grade only what follows the thought
-    boxes = list(re.finditer(r"\\(?:boxed|fbox)(?![A-Za-z])", text))
-    if boxes:
-        rest = text[boxes[-1].end():]
-        j = len(rest) - len(rest.lstrip())
-        if rest[j:j + 1] == "{":
-            end = _balanced(rest, j)
-            inner = rest[j + 1:end].strip() if end is not None else ""  # unterminated box -> no answer
-            return inner or None
-        m = re.match(r"\s+([^\s$]+)", rest)  # "\boxed 5" (TeX allows a single-token argument)
-        return m.group(1).rstrip(".") if m else None
-    # DAPO format: the last line "Answer: X" (also "**Answer:** X", "Final Answer: X")
-    lines = re.findall(r"(?im)^[ \t*#>_]*(?:final )?answer[*_]*[ \t]*:[ \t*_]*(.*?)[ \t]*$", text)
-    ans = lines[-1].strip(" \t*$").rstrip(".").strip(" \t*$") if lines else ""  # "**$34$**." -> "34"
-    return ans or None
+    last = _last_marker(text, STRICT_MARKERS[style] if strict else MARKERS)
+    if last is not None:
+        return last[1]
+    return None if strict else _bare(text)
 
 # -----------------------------------------------------------------------------
 # answer comparison
 
 
+def _unsep(s):
+    """ "1,450" -> "1450": thousands separators, only in a lone number (elsewhere a comma separates a list)."""
+    return s.replace(",", "") if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", s) else s
+
+
 def _normalize(s):
     """Canonical string form: drop what never changes the value (spacing, $, \\left, units' \\text, ...)."""
-    s = str(s).strip().replace("\\$", "").replace("$", "").replace("\u2212", "-")  # also a unicode minus
+    s = str(s).strip().replace("\\textdollar", "").replace("\\$", "").replace("$", "")
+    s = s.replace("\u2212", "-")  # a unicode minus
     for _ in range(2):  # \text{...} and friends -> their text (twice for one level of nesting)
         s = re.sub(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\s+(?:or|and)\s+", ",", s)  # "x=1 \text{ or } x=-2" is the list "x=1,x=-2"
@@ -253,8 +387,7 @@ def _normalize(s):
     # spaces: keep one only between two letters, where it separates tokens ("\cot x", "m n")
     s = re.sub(r"\s+", " ", s).strip()
     s = re.sub(r"(?<![A-Za-z]) | (?![A-Za-z])", "", s).rstrip(".")
-    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators, only for a lone number
-        s = s.replace(",", "")
+    s = _unsep(s)
     s = re.sub(r"^[A-Za-z]\\in", "", s)  # "x \in [-2,7]" -> "[-2,7]"
     m = re.fullmatch(r"\(([A-Z])\)", s)  # multiple choice: (C) == C
     return m.group(1) if m else s
@@ -280,25 +413,43 @@ def _atom(s):
         return None
 
 
+_REPEAT = r"([+-]?)(\d{0,30})\.(\d{0,30})(?:\\(?:overline|bar|dot)(?:\{(\d{1,30})\}|(\d))|\((\d{1,30})\))"
+
+
+def _repeating(s):
+    """A repeating decimal as an exact Fraction: 0.\\overline{6} (or \\bar, \\dot) and 0.(6) are 2/3."""
+    m = re.fullmatch(_REPEAT, s)
+    if not m:
+        return None
+    sign, whole, fixed, rep = m.group(1), m.group(2), m.group(3), m.group(4) or m.group(5) or m.group(6)
+    v = (int(whole or 0) + Fraction(int(fixed or 0), 10 ** len(fixed))
+         + Fraction(int(rep), (10 ** len(rep) - 1) * 10 ** len(fixed)))
+    return -v if sign == "-" else v
+
+
 def _to_number(s):
-    """s as an exact Fraction if it is a plain number (int, decimal, a/b, \\frac{a}{b}, mixed 1\\frac{4}{5})."""
+    """s as an exact Fraction if it is a plain number (int, decimal, a/b, \\frac{a}{b}, mixed 1\\frac{4}{5},
+    repeating decimal 0.\\overline{6}); "\\frac{10,000}{7}" may carry thousands separators."""
     m = re.fullmatch(r"([+-]?)(\d{1,9})\\frac\{(\d{1,9})\}\{(\d{1,9})\}", s)  # mixed number: MATH's 137 1/2
     if m and int(m.group(4)):
         v = int(m.group(2)) + Fraction(int(m.group(3)), int(m.group(4)))
         return -v if m.group(1) == "-" else v
     m = re.fullmatch(rf"([+-]?)\\frac{_BRACED}{_BRACED}", s) or re.fullmatch(r"([+-]?)([^/]+)/([^/]+)", s)
     if m:
-        a, b = _atom(m.group(2)), _atom(m.group(3))
+        a, b = _atom(_unsep(m.group(2))), _atom(_unsep(m.group(3)))
         if a is None or not b:
             return None
         return -a / b if m.group(1) == "-" else a / b
-    return _atom(s)
+    v = _atom(s)
+    return v if v is not None else _repeating(s)
 
 
 def _strip_units(s):
-    """ "5cm", "18dollars", "864inches^2" -> the number. Needs a word of 2+ letters, so "2k" stays "2k"."""
+    """ "5cm", "18dollars", "864inches^2", "1,450dollars" -> the number. Needs a word of 2+ letters, so "2k"
+    stays "2k"."""
     m = re.search(r" ?[A-Za-z]{2,}(?: [A-Za-z]+)*(?:\^\{?[23]\}?)?$", s) if len(s) < 200 else None
-    return s[:m.start()] if m and _to_number(s[:m.start()]) is not None else s
+    num = _unsep(s[:m.start()]) if m else None
+    return num if m and _to_number(num) is not None else s
 
 
 def _split_top(s):
@@ -354,6 +505,40 @@ def _compare_lists(p, g):
     return True
 
 
+_INEQ = r"(<=|>=|≤|≥|<|>|\\(?:leqslant|geqslant|leq|geq|le|ge|lt|gt)(?![A-Za-z]))"
+_VAR = r"(?!\\infty)(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?"
+
+
+def _interval(s):
+    """A one-variable inequality as the interval it means: "y\\ge2" -> "[2,\\infty)", "-1<x\\le3" -> "(-1,3]",
+    "x<2,x>3" ("x<2 or x>3") -> a union. None if s is not one; the bounds must hold no letter ("x<y" is a
+    relation, not an interval)."""
+    parts = _split_top(s)
+    if len(parts) > 1:
+        ivs = [_interval(q) for q in parts]
+        return "\\cup".join(ivs) if all(ivs) else None
+    t = [x.strip() for x in re.split(_INEQ, s)]  # "2\le x": a space stays between two letters
+    less = [op in ("<", "<=", "≤") or op[1:3] in ("le", "lt") for op in t[1::2]]
+    const = [len(x) > 0 and not re.search(r"(?<![\\A-Za-z])[A-Za-z]", x) for x in t[0::2]]
+    if len(t) == 3 and re.fullmatch(_VAR, t[0]) and const[1]:  # x < b, x > b
+        lo, lo_op, hi, hi_op = ("-\\infty", "<", t[2], t[1]) if less[0] else (t[2], t[1], "\\infty", "<")
+    elif len(t) == 3 and re.fullmatch(_VAR, t[2]) and const[0]:  # a < x, a > x
+        lo, lo_op, hi, hi_op = (t[0], t[1], "\\infty", "<") if less[0] else ("-\\infty", "<", t[0], t[1])
+    elif len(t) == 5 and re.fullmatch(_VAR, t[2]) and const[0] and const[2] and less[0] == less[1]:  # a < x < b
+        lo, lo_op, hi, hi_op = (t[0], t[1], t[4], t[3]) if less[0] else (t[4], t[3], t[0], t[1])
+    else:
+        return None
+    closed = lambda op: op not in ("<", ">", "\\lt", "\\gt")  # noqa: E731
+    return f"{'[' if closed(lo_op) else '('}{lo},{hi}{']' if closed(hi_op) else ')'}"
+
+
+def _option(p):
+    """ "(B)12", "B.12", "B)twelve" -> "B": a multiple-choice letter followed by the option's text (one letter
+    only: "(B),(C)" hedges)."""
+    m = re.match(r"\(([A-Z])\)|([A-Z])[).:]", p)
+    return (m.group(1) or m.group(2)) if m and not re.search(r"\([A-Z]\)", p[m.end():]) else p
+
+
 class _Timeout(BaseException):
     """A BaseException, so math-verify's and sympy's `except Exception` can't swallow it."""
 
@@ -407,8 +592,11 @@ def _math_verify(g, p):
 
 def is_equiv(pred, gold):
     """Is the predicted answer string equivalent to the gold one? The rules run from cheap and strict to
-    symbolic: normalised strings, integers, numbers, lists/intervals/sets, then math-verify."""
+    symbolic: normalised strings (an inequality read as its interval), integers, numbers (repeating decimals
+    included), lists/intervals/sets, then math-verify."""
     p, g = _normalize(pred), _normalize(gold)
+    p, g = _interval(p) or p, _interval(g) or g  # "y \ge 2" answers "[2,\infty)"
+    p = _option(p) if re.fullmatch(r"[A-Z]", g) else p  # "(B) 12" answers "B" and "(B)"
     # "x=3" answers "3", and "5" answers the gold "x=5" (MATH "find all x") or "k=1" (Olympiad "smallest k"):
     # drop a leading "name=" from one side when the other side is not an equation
     lhs = r"^(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?=(?=[^=]+$)"
@@ -439,11 +627,18 @@ def is_equiv(pred, gold):
     return len(p) <= max(500, 2 * len(g)) and _math_verify(g, p)
 
 
-def is_correct(completion, gold, truncated=False):
-    pred = extract_answer(completion, truncated)
+def is_correct(completion, gold, truncated=False, strict=False, style=None):
+    """Is the completion's final answer (extract_answer; lenient unless strict) equivalent to gold?"""
+    pred = extract_answer(completion, truncated, strict, style)
     return pred is not None and is_equiv(pred, gold)
 
 
-def reward(completion, gold, truncated=False):
-    """The GRPO outcome reward r(y) (paper-method.md §3.1): 1.0 for a correct final answer, else 0.0."""
-    return 1.0 if is_correct(completion, gold, truncated) else 0.0
+def reward(completion, gold, truncated=False, strict=True, style=None):
+    """The GRPO outcome reward r(y) (paper-method.md §3.1): 1.0 for a correct final answer, else 0.0.
+
+    Strict by default, unlike is_correct (evaluation): only the marker the prompt asked for counts (style
+    "boxed", "dapo", or None for either), whichever comes last. The policy is then rewarded for the format it
+    was asked to write, so the no-answer rate stays a format signal, and it can't learn to lean on the lenient
+    fallbacks ("the answer is ...", a bare completion), which are heuristics with their own blind spots.
+    strict=False grades as evaluation does."""
+    return 1.0 if is_correct(completion, gold, truncated, strict, style) else 0.0

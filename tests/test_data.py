@@ -45,7 +45,7 @@ CASES = [
     ("We find 34.\n\nFinal Answer: 34", "34", True),
     ("Answer: 34\nWait, that is wrong.\nAnswer: 35", "34", False),  # the last Answer line counts
     ("Answer: 34\nWait, that is wrong.\nAnswer: 35", "35", True),
-    ("The answer is 34.", "34", False),  # no box and no Answer line: no fallback to the last number
+    ("The answer is 34.", "34", True),  # no box and no Answer line: the phrase (but never the last number)
     ("So there are 42 apples in total, i.e. 42.", "42", False),
     ("2 + 2 = 4, and 4 * 3 = 12. Hence 12", "12", False),
     ("Answer:", "0", False),
@@ -60,7 +60,8 @@ CASES = [
     ("The answer is \\boxed 5", "5", True),
     ("First \\boxed{3}, but that double counts, so \\boxed{4}.", "4", True),  # the last box counts
     ("First \\boxed{3}, but that double counts, so \\boxed{4}.", "3", False),
-    ("\\boxed{4}\n\nAnswer: 5", "4", True),  # a box beats an Answer line
+    ("\\boxed{4}\n\nAnswer: 5", "4", False),  # the last marker counts, a box or an Answer line alike
+    ("\\boxed{4}\n\nAnswer: 5", "5", True),
     ("The set is $\\boxed{\\{1,2\\}}$.", "\\{1,2\\}", True),  # escaped braces don't close the box
     ("", "1", False),
     # --- integers: AIME (leading zeros), AMC, DAPO -------------------------------------------------------
@@ -331,6 +332,134 @@ CASES = [
     (box("0.006 \\mathrm{~cm}"), "0.006", True),
     (box("\\frac{1}{s+a}"), "\\frac{1}{s+a}", True),
     (box("(s+a)^{-1}"), "\\frac{1}{s+a}", True),
+    # --- the last final-answer marker counts, whatever the prompt style asked for ------------------------
+    # (from here on, golds the data has no example of are made up and named in their section's header;
+    # here: \text{The answer is 5})
+    ("We get \\boxed{5}.\nOn reflection that misses two cases.\nAnswer: 7", "7", True),
+    ("We get \\boxed{5}.\nOn reflection that misses two cases.\nAnswer: 7", "5", False),
+    ("Answer: 7\n\nNo: recounting, the total is $\\boxed{5}$.", "5", True),
+    ("Answer: 7\n\nNo: recounting, the total is $\\boxed{5}$.", "7", False),
+    ("The answer is 3.\nWait, I missed one: \\boxed{4}", "4", True),
+    ("So \\boxed{4}.\n\nHmm, 4 double counts. So the answer is 3.", "3", True),
+    ("So \\boxed{4}.\n\nHmm, 4 double counts. So the answer is 3.", "4", False),
+    ("\\boxed{4}\n\nFinal Answer: The final answer is $6$. I hope it is correct.", "6", True),
+    ("\\boxed{4}. So the answer is correct.", "4", True),  # a verdict on the answer is no answer
+    ("\\boxed{4}. Therefore the answer is indeed right, as checked.", "4", True),
+    ("\\boxed{18}\n\n#### Verification\nIt checks out.", "18", True),  # a markdown heading is no GSM8K marker
+    ("\\boxed{\\text{The answer is 5}}", "\\text{The answer is 5}", True),  # a marker inside a box: the box
+    # --- Minerva's format: "Final Answer: The final answer is $X$. I hope it is correct." ----------------
+    ("So $v = 1.6$ cm.\nFinal Answer: The final answer is $1.6$. I hope it is correct.", "1.6", True),
+    ("Final Answer: The final answer is $1.59$. I hope it is correct.", "1.6", False),
+    ("Final Answer: The final answer is $4.5 \\times 10^{33}$. I hope it is correct.", "4.5e33", True),
+    ("Final Answer: The final answer is $4.6 \\times 10^{33}$. I hope it is correct.", "4.5e33", False),
+    ("Final Answer: The final answer is $\\frac{1}{s+a}$. I hope it is correct.", "\\frac{1}{s+a}", True),
+    ("Final Answer: The final answer is 0.1. I hope it is correct.", "0.10", True),
+    ("Final Answer: The final answer is 0.2. I hope it is correct.", "0.10", False),
+    ("Final Answer: The final answer is $(3,4]$. I hope it is correct.", "(3,4]", True),
+    ("Final Answer: The final answer is $(3,4)$. I hope it is correct.", "(3,4]", False),
+    ("The final answer is $56$.", "56.0", True),
+    # --- GSM8K's "#### X" --------------------------------------------------------------------------------
+    ("She sells 16 - 3 - 4 = 9 eggs at $2 each, so 9 * 2 = 18 dollars.\n#### 18", "18", True),
+    ("She sells 16 - 3 - 4 = 9 eggs at $2 each, so 9 * 2 = 18 dollars.\n#### 17", "18", False),
+    ("The house is worth 1,450,000 dollars.\n#### 1,450,000", "1,450,000", True),
+    ("#### $70,000", "70000", True),
+    ("#### \\$70,000", "70000", True),
+    ("#### 7,000", "70000", False),
+    ("So he pays 2 * 1062.5 = 2125 dollars. #### 2125", "2,125", True),
+    ("#### Step 1: count the eggs\nThere are 18 eggs.", "18", False),  # a heading, and then prose
+    ("#### 1. Setup\nThere are 18 eggs.", "18", False),
+    # --- "the answer is X" without a box (made up: 3.5) --------------------------------------------------
+    ("6 * 7 = 42. The answer is 42.", "42", True),
+    ("6 * 7 = 42. The answer is 43.", "42", False),
+    ("So the answer is $42$.", "42", True),
+    ("Therefore, the answer is **42**.", "42", True),
+    ("Thus the final answer is: $\\frac{7}{2}$", "3.5", True),
+    ("The answer is 3.5.", "\\frac{7}{2}", True),
+    ("The answer is 42 or 43.", "42", False),  # hedging
+    ("I wonder whether the answer is 42; 6 * 7 = 42 after all.", "42", False),  # not a statement of the answer
+    ("The answer is the number of ways to pick 2 of the 9 balls, 36.", "36", False),  # prose, not an answer
+    # --- a completion that is only the answer (made up: 3.5) ---------------------------------------------
+    ("7/2", "\\frac{7}{2}", True),
+    ("$\\frac{7}{2}$", "3.5", True),
+    ("  42\n", "42", True),
+    ("<think>\n6 * 7 is 42\n</think>\n\n42.", "42", True),
+    ("$x = 3$", "3", True),
+    ("\\[ (3, \\pi/2) \\]", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+    ("7/3", "\\frac{7}{2}", False),
+    ("12 + 30 = 42", "42", False),  # a worked equation is not an answer
+    ("The sum is 42", "42", False),
+    ("Adding them up we get 7/2", "\\frac{7}{2}", False),
+    # --- repeating decimals (made up: \frac{1}{7}, 0.6) --------------------------------------------------
+    (box("0.\\overline{6}"), "\\frac{2}{3}", True),
+    (box("0.(6)"), "\\frac{2}{3}", True),
+    (box("0.\\bar{6}"), "\\frac{2}{3}", True),
+    (box("0.1\\overline{6}"), "\\frac{1}{6}", True),
+    (box("0.\\overline{142857}"), "\\frac{1}{7}", True),
+    (box("1.\\overline{3}"), "\\frac43", True),
+    (box("-0.\\overline{3}"), "-1./3", True),
+    (box("0.\\overline{3}"), "\\frac{2}{3}", False),
+    (box("0.\\overline{6}"), "0.6", False),
+    (box("0.(16)"), "\\frac{1}{6}", False),  # 0.161616... = 16/99
+    # --- an inequality for an interval (made up: [2,\infty), [2, \infty), (-\infty, 3)) ------------------
+    (box("y \\ge 2"), "[2,\\infty)", True),
+    (box("y \\geq 2"), "[2, \\infty)", True),
+    (box("2 \\le y"), "[2,\\infty)", True),
+    (box("y > 2"), "[2,\\infty)", False),
+    (box("x < 3"), "(-\\infty, 3)", True),
+    (box("x \\le 3"), "(-\\infty, 3)", False),
+    (box("x > 3"), "(-\\infty, 3)", False),
+    (box("x > 2"), "(2,\\infty)", True),
+    (box("x \\ge 2"), "(2,\\infty)", False),
+    (box("x < -5"), "(-\\infty,-5)", True),
+    (box("-2 \\le x \\le 7"), "x \\in [-2,7]", True),
+    (box("-2 < x \\le 7"), "x \\in [-2,7]", False),
+    (box("\\frac{3}{5} < x \\le \\frac{8}{3}"), "\\left(\\frac{3}{5},\\frac{8}{3}\\right]", True),
+    (box("x < 2 \\text{ or } x > 3"), "(-\\infty, 2) \\cup (3, \\infty)", True),
+    (box("x < 2 \\text{ or } x \\ge 3"), "(-\\infty, 2) \\cup (3, \\infty)", False),
+    (box("k \\ge 2"), "k \\geqslant 2", True),
+    (box("[2, \\infty)"), "k \\geqslant 2", True),
+    (box("2"), "k \\geqslant 2", False),
+    (box("k > 2"), "k \\geqslant 2", False),
+    # --- thousands separators inside a fraction (all made up) --------------------------------------------
+    (box("\\frac{10,000}{7}"), "\\frac{10000}{7}", True),
+    (box("\\frac{10{,}000}{7}"), "\\frac{10000}{7}", True),
+    (box("10,000/7"), "\\frac{10000}{7}", True),
+    (box("\\frac{1,000}{7}"), "\\frac{10000}{7}", False),
+    (box("\\frac{10,000}{9}"), "\\frac{10000}{7}", False),
+    (box("\\frac{1,450,000}{3}"), "\\frac{1450000}{3}", True),
+    # --- a bolded answer (made up: \text{Paris}) ---------------------------------------------------------
+    ("**Paris**", "\\text{Paris}", True),
+    ("**London**", "\\text{Paris}", False),
+    ("The capital of France is Paris.\n\n**Paris**", "\\text{Paris}", True),
+    ("The answer is **Paris**.", "\\text{Paris}", True),
+    ("**Answer:** **Paris**", "\\text{Paris}", True),
+    ("Adding the two groups gives 12.\n\n**12**", "12", True),
+    ("Adding the two groups gives 12.\n\n**13**", "12", False),
+    ("**Step 1.** Count the groups.\nThere are 12.", "12", False),  # a bold heading is not the answer
+    ("**Paris** is the capital; the question asks for the river.", "\\text{Paris}", False),
+    # --- an option letter followed by its text (made up: B, (B)) -----------------------------------------
+    (box("(B) 12"), "B", True),
+    (box("(B) 12"), "(B)", True),
+    (box("(C) 12"), "\\text{(C)}", True),
+    (box("\\textbf{(C)} 12"), "\\text{(C)}", True),
+    (box("B. 12"), "B", True),
+    ("The answer is (B) 12.", "B", True),
+    ("Answer: (B) $12$", "(B)", True),
+    (box("(C) 12"), "B", False),
+    (box("(B) 12"), "\\text{(C)}", False),
+    (box("(B) 12 or (C) 15"), "B", False),  # hedging between two options
+    (box("12"), "B", False),  # the option's text alone: we don't know which letter it is
+    # --- a number with a text unit against a currency gold (made up: \$45) -------------------------------
+    (box("45 \\text{ dollars}"), "\\$45", True),
+    (box("45 \\text{ dollars}"), "\\$36", False),
+    (box("36 \\text{ dollars}"), "\\$36", True),
+    (box("\\textdollar 36"), "\\$36", True),
+    (box("18.90 \\text{ dollars}"), "\\$18.90", True),
+    (box("18.80 \\text{ dollars}"), "\\$18.90", False),
+    (box("32,348 \\text{ dollars}"), "\\$32,\\!348", True),
+    (box("32,384 \\text{ dollars}"), "\\$32,\\!348", False),
+    ("The answer is 36 dollars.", "\\$36", True),
+    ("Answer: 36 dollars", "\\$36", True),
 ]
 
 # (completion, gold): a completion cut at max tokens gets reward 0 even if it already shows the answer
@@ -348,7 +477,44 @@ def test_table_is_large_enough():
 @pytest.mark.parametrize("completion,gold,expected", CASES)
 def test_reward_table(completion, gold, expected):
     assert is_correct(completion, gold) is expected
-    assert reward(completion, gold) == (1.0 if expected else 0.0)
+    assert reward(completion, gold, strict=False) == (1.0 if expected else 0.0)
+    if extract_answer(completion, strict=True) == extract_answer(completion):  # a \boxed{} or "Answer:" answer
+        assert reward(completion, gold) == (1.0 if expected else 0.0)
+
+
+# (completion, gold, prompt style, strict reward): the training reward only accepts the prompt style's marker
+STRICT = [
+    ("\\boxed{5}\nAnswer: 7", "7", None, 1.0),  # either style's marker, the last one
+    ("\\boxed{5}\nAnswer: 7", "5", None, 0.0),
+    ("\\boxed{5}\nAnswer: 7", "5", "boxed", 1.0),  # the Answer line is not the boxed style's marker
+    ("\\boxed{5}\nAnswer: 7", "7", "boxed", 0.0),
+    ("\\boxed{5}\nAnswer: 7", "7", "dapo", 1.0),
+    ("\\boxed{5}\nAnswer: 7", "5", "dapo", 0.0),
+    ("Answer: $\\boxed{34}$", "34", "dapo", 1.0),
+    ("The answer is \\boxed{34}.", "34", "dapo", 0.0),
+    ("Answer: 34", "34", "boxed", 0.0),
+    ("Final Answer: The final answer is $12$. I hope it is correct.", "12", None, 0.0),
+    ("#### 18", "18", None, 0.0),
+    ("The answer is 42.", "42", None, 0.0),
+    ("7/2", "\\frac{7}{2}", None, 0.0),
+    ("**Paris**", "\\text{Paris}", None, 0.0),
+    ("\\boxed{4}\n\nSo the answer is 3.", "4", None, 1.0),  # lenient: 3
+]
+
+
+@pytest.mark.parametrize("completion,gold,style,expected", STRICT)
+def test_strict_reward(completion, gold, style, expected):
+    assert reward(completion, gold, style=style) == expected
+    assert is_correct(completion, gold, strict=True, style=style) is (expected == 1.0)
+
+
+def test_reward_is_strict_and_is_correct_lenient_by_default():
+    assert is_correct("The answer is 42.", "42") and reward("The answer is 42.", "42", strict=False) == 1.0
+    assert reward("The answer is 42.", "42") == 0.0
+    assert reward("Final Answer: The final answer is $12$. I hope it is correct.", "12", truncated=True,
+                  strict=False) == 0.0
+    with pytest.raises(DataError, match="boxed, dapo"):
+        extract_answer("\\boxed{1}", strict=True, style="chatml")
 
 
 @pytest.mark.parametrize("completion,gold", TRUNCATED)
@@ -379,6 +545,29 @@ def test_truncated_gets_no_reward(completion, gold):
     ("Answer: $\\frac{1}{2}$", "\\frac{1}{2}"),
     ("  answer: 12.  ", "12"),
     ("The answer: 12", None),  # only a line that starts with Answer:
+    ("\\boxed{5} ... Answer: 7", "5"),  # an Answer marker starts its line
+    ("**The answer is:** 42", "42"),
+    ("**The answer is** **42**.", "42"),
+    ("**Therefore, the answer is 42.**", "42"),
+    ("\\boxed{5}\nAnswer: 7", "7"),
+    ("Answer:\n\\[ 34 \\]", "34"),  # the answer on the lines after a bare "Answer:"
+    ("Answer: 3\nRechecking: \\boxed{4", None),  # the last marker, an unterminated box, holds no answer
+    ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+    ("Final Answer: The final answer is 12. I hope it is correct.", "12"),
+    ("The final answer is $\\$45$.", "\\$45"),
+    ("The final answer is $5x - 7y + 11z + 4 = 0$.", "5x - 7y + 11z + 4 = 0"),  # an equation, written as one
+    ("So the answer is $69$, $84$.", "69$, $84"),  # several answers, each in its own $..$
+    ("#### 1,450", "1,450"),
+    ("We get 18 eggs.\n\n#### **18**", "18"),
+    ("#### **1. Setup**\nWe get 18 eggs.", None),
+    ("#### Step 2", None),
+    ("So the answer is 3.5.", "3.5"),
+    ("The answer is **Paris**, of course.", "Paris"),
+    ("whether the answer is 3", None),
+    ("7/2", "7/2"),
+    ("**Paris**", "Paris"),
+    ("$x = 3$.", "x = 3"),
+    ("Hence 12", None),
     ("12 + 30 = 42", None),
     ("", None),
 ])
@@ -583,6 +772,16 @@ def test_every_gold_matches_itself(name):
     # each gold, boxed in a completion, must earn reward 1 through the full pipeline
     fails = [r["answer"] for r in load_benchmark(name, data_dir=DATA)
              if not is_correct(f"Reasoning... so the answer is \\boxed{{{r['answer']}}}.", r["answer"])]
+    assert fails == []
+
+
+@needs_shared
+@pytest.mark.parametrize("fmt", ["Final Answer: The final answer is ${}$. I hope it is correct.", "${}$"])
+def test_minerva_golds_in_minerva_format_and_bare(fmt):
+    # Minerva's answer format, and a bare $answer$, on Minerva's golds (long formulas and equations among them);
+    # golds with a "$" inside ("x_{0} \\cos (\\omega t)+$ $\\dot{x}_{0}...") can't be written inside $...$
+    fails = [r["answer"] for r in load_benchmark("minerva", data_dir=DATA)
+             if "$" not in r["answer"] and not is_correct(fmt.format(r["answer"]), r["answer"])]
     assert fails == []
 
 
