@@ -39,6 +39,23 @@ def n_evict(window: int) -> int:
     return math.ceil(window / 4)
 
 
+def parse_window(s, also=()):
+    """A --window value (every CLI): a positive int W, 'full' (-> None: the full cache), or one of `also`, returned
+    as given. Anything else is a ValueError with a one-line message."""
+    if s is None or s in also:
+        return s
+    if isinstance(s, str) and s.strip().lower() == "full":
+        return None
+    choices = " or ".join(["a positive integer", "'full'", *(repr(a) for a in also)])
+    try:
+        w = int(s)
+    except (TypeError, ValueError):
+        raise ValueError(f"--window must be {choices} (got {s!r})") from None
+    if w < 1:
+        raise ValueError(f"--window must be {choices} (got {w})")
+    return w
+
+
 class KVCache:
     def __init__(self, n_layers, prompt_lens, n_kv_heads, head_dim, max_new_tokens, window=None,
                  dtype=torch.float32, device="cpu"):

@@ -196,6 +196,14 @@ def build_user_message(problem, style="boxed"):
         raise DataError(f"unknown prompt style {style!r}; valid styles: {', '.join(PROMPT_STYLES)}")
     return problem + BOXED_SUFFIX if style == "boxed" else DAPO_PREFIX + problem + DAPO_SUFFIX
 
+
+def encode_prompt(tok, problem, style="boxed"):
+    """Token ids of the whole prompt: the model's own chat template around build_user_message, ready for the
+    assistant's turn. The one place prompts are built (training, evaluation and the demo)."""
+    text = tok.apply_chat_template([{"role": "user", "content": build_user_message(problem, style)}],
+                                   add_generation_prompt=True)
+    return tok.encode(text)
+
 # -----------------------------------------------------------------------------
 # answer extraction: grade the completion only, and never guess (no "last number in the text" fallback).
 # The answer follows the LAST final-answer marker of the completion, whatever the prompt style asked for: a

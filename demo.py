@@ -1,5 +1,5 @@
 """
-demo.py: the paper in miniature, offline on a laptop CPU in a few minutes (`python grpo.py --demo`).
+demo.py: the paper in miniature, offline on a laptop CPU in a few minutes (`python demo.py`).
 
 The task makes the answer depend on thought tokens written early in the completion. The prompt is K digits;
 the model must state the running sums while working, think for NF steps (a fixed "w0 w1 ..." pattern, longer
@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import data
 import grpo
 from bench import peak_tensor_memory  # exact CPU tensor accounting (torch.profiler)
+from checkpoint import load_adapters
 from model import ModelConfig, Transformer, generate, load_model
-from pte import load_adapters, replay
+from pte import replay
 from tokenizer import Tokenizer
 
 DIGITS = [str(i) for i in range(10)]
@@ -96,7 +98,7 @@ def build_base(folder: Path, K, NF, steps, seed, log):
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(steps):
         probs = make_problems(64, K, seed * 1000 + step)
-        P = [grpo.encode_prompt(tok, p["problem"], "boxed") for p in probs]
+        P = [data.encode_prompt(tok, p["problem"], "boxed") for p in probs]
         Y = [tok.encode(" ".join(completion_words(p["problem"], NF))) + [3] for p in probs]  # + <eos>
         x = torch.tensor([p + y for p, y in zip(P, Y)])  # every prompt has the same length here
         logits = model(x[:, :-1])[:, len(P[0]) - 1:]
@@ -120,7 +122,7 @@ def build_base(folder: Path, K, NF, steps, seed, log):
 def accuracy(model, tok, adapters, problems, window, K, NF):
     """Greedy accuracy under the given cache (window None = full), and the KV-cache bytes it held."""
     reward = make_reward(K, NF)
-    P = [grpo.encode_prompt(tok, p["problem"], "boxed") for p in problems]
+    P = [data.encode_prompt(tok, p["problem"], "boxed") for p in problems]
     out = generate(model, P, K + NF + 3, tok.stop_ids, 0.0, 1.0, window, adapter=adapters, pad_id=tok.pad_id)
     texts = [tok.decode(out.tokens[i, :int(out.lengths[i])].tolist()) for i in range(len(P))]
     acc = sum(reward(t, p["answer"], bool(tr)) for t, p, tr in zip(texts, problems, out.truncated)) / len(P)
@@ -129,7 +131,7 @@ def accuracy(model, tok, adapters, problems, window, K, NF):
 
 def replay_step_memory(model, tok, adapters, problems, window, K, NF):
     """Peak tensor memory of one replay + backward (the training step's cost) on 16 teacher-forced completions."""
-    P = [grpo.encode_prompt(tok, p["problem"], "boxed") for p in problems]
+    P = [data.encode_prompt(tok, p["problem"], "boxed") for p in problems]
     Y = torch.tensor([tok.encode(" ".join(completion_words(p["problem"], NF))) + [3] for p in problems])
     _, peak = peak_tensor_memory(lambda: replay(model, adapters, P, Y, window, 1.0,
                                                 loss_fn=lambda lp, t0, t1: -lp.mean(), pad_id=tok.pad_id))
@@ -183,9 +185,10 @@ def main(argv=None):
         if run.exists():
             import shutil
             shutil.rmtree(run)
-        cfg = grpo.GRPOConfig(model=str(base_dir), train_data=str(train), method=method, window=W,
-                              max_new_tokens=K + NF + 3, group_size=args.group_size,
-                              prompts_per_step=args.prompts_per_step, micro_batch=args.prompts_per_step * args.group_size,
+        cfg = grpo.GRPOConfig(model=str(base_dir), train_data=str(train), prompt_style="boxed", method=method,
+                              window=W, max_new_tokens=K + NF + 3, group_size=args.group_size,
+                              prompts_per_step=args.prompts_per_step,
+                              micro_batch=args.prompts_per_step * args.group_size,
                               steps=args.steps, lr=args.lr, rank=8, global_tokens=8, seed=args.seed, out=str(run),
                               save_every=args.steps, keep=1, log_samples=0, device="cpu")
         grpo.train(cfg, reward_fn=make_reward(K, NF), quiet=not args.verbose)

@@ -3,6 +3,7 @@ eval.py: accuracy and efficiency of a base model or of trained adapters (lora, l
 benchmarks, under the full KV cache or the paper's sliding-window cache policy D, in the layout of Table 1 and
 Figure 3 (paper-method.md §5, §6, §7-A13).
 
+    python eval.py --window 768                                                   # the newest runs/ checkpoint
     python eval.py --model Qwen/Qwen2.5-3B-Instruct                               # base model, full cache, 6 benchmarks
     python eval.py --model Qwen/Qwen2.5-3B-Instruct --adapter runs/pte --window 1024
     python eval.py --model M --adapter runs/pte --window 768,1024,2048,3072,full  # sweep + accuracy_vs_window.png
@@ -42,16 +43,18 @@ import hashlib
 import json
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from data import BENCHMARKS, PROMPT_STYLES, DataError, build_user_message, extract_answer, is_correct, load_benchmark
-from model import DTYPES, ModelError, generate, load_model
-from pte import AdapterError, fingerprint, load_adapters, read_adapter_meta
+from cache import parse_window
+from checkpoint import fingerprint, load_adapters, read_adapter_meta
+from data import (BENCHMARKS, PROMPT_STYLES, DataError, encode_prompt, extract_answer, is_correct,
+                  load_benchmark)
+from model import DEFAULT_MODEL, DTYPES, ModelError, generate, load_model, peak_memory, reset_peak_memory
+from pte import AdapterError
 
 PAPER_BENCHMARKS = ("math500", "olympiadbench", "amc23", "aime24", "aime25", "minerva")
 DEFAULT_SAMPLES = {"aime24": 16, "aime25": 16, "amc23": 16, "olympiadbench": 16}  # every other benchmark: 1
@@ -134,13 +137,6 @@ def efficiency(rows):
 # -----------------------------------------------------------------------------------------------------------
 # generation
 
-def peak_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def evaluate_window(model, tok, adapters, items, window, settings, out_file, batch_size):
     """Generate the pending `items` (dicts: key, benchmark, id, sample, ids, gold) at one window, batch by batch,
     appending each batch's sample lines to out_file as soon as it is done. Returns the new lines."""
@@ -153,9 +149,7 @@ def evaluate_window(model, tok, adapters, items, window, settings, out_file, bat
     for batch in bar:
         digest = hashlib.sha256("|".join([str(settings["seed"])] + [it["key"] for it in batch]).encode()).digest()
         gen = torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "big") >> 1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         t0 = time.perf_counter()
         out = generate(model, [it["ids"] for it in batch], settings["max_new_tokens"], tok.stop_ids,
                        settings["temperature"], settings["top_p"], window, adapter=adapters, generator=gen,
@@ -261,18 +255,13 @@ def plot_sweep(results, path):
 # CLI
 
 def parse_windows(spec):
+    """'768,1024,full' -> [768, 1024, None] (sorted, no duplicates)."""
     out = []
     for part in str(spec).split(","):
-        part = part.strip().lower()
-        if part == "full":
-            w = None
-        else:
-            try:
-                w = int(part)
-            except ValueError:
-                raise EvalError(f"--window: {part!r} is neither an integer nor 'full'") from None
-            if w < 1:
-                raise EvalError(f"--window must be >= 1 or 'full' (got {w})")
+        try:
+            w = parse_window(part.strip())
+        except ValueError as e:
+            raise EvalError(str(e)) from None
         if w not in out:
             out.append(w)
     return sorted(out, key=lambda w: (w is None, w or 0))
@@ -302,9 +291,51 @@ def check_args(a):
         raise EvalError(f"unknown --prompt-style {a.prompt_style!r}; valid styles: {', '.join(PROMPT_STYLES)}")
 
 
+def newest_checkpoint(runs="runs"):
+    """The most recently written ckpt-NNNNNN/ under `runs` (grpo.py writes runs/grpo/ckpt-NNNNNN by default)."""
+    found = [p.parent for p in Path(runs).glob("**/ckpt-*/adapter.json") if not p.parent.name.startswith(".")]
+    return max(found, key=lambda p: (p / "adapter.json").stat().st_mtime) if found else None
+
+
+def choose_model(a):
+    """Fill a.model / a.adapter when not given, so that `python grpo.py` then `python eval.py --window 768` works:
+    the adapter's own base model; with neither, the newest checkpoint under runs/, else the default base model."""
+    if a.model is None and a.adapter is None:
+        a.adapter = newest_checkpoint(a.runs)
+        a.adapter = str(a.adapter) if a.adapter else None
+        how = f"the newest checkpoint under {a.runs}/" if a.adapter else f"no checkpoint under {a.runs}/"
+    else:
+        how = "command line"
+    if a.model is None:
+        a.model = (read_adapter_meta(a.adapter).get("base_model") if a.adapter else None) or DEFAULT_MODEL
+    print(f"evaluating {a.model}" + (f" with adapters {a.adapter}" if a.adapter else " (base model)") + f" ({how})")
+
+
+def print_plan(model, tok, adapters, items, windows, settings, batch_size):  # items: pending, all windows
+    """What will run, and an estimate of how long from a short warm-up (one batch, 8 tokens): an upper bound on
+    the work (every completion at --max-new-tokens), a lower bound on the speed (the warm-up's context is short)."""
+    n, T = len(items), settings["max_new_tokens"]
+    bench = ", ".join(f"{b} {sum(it['benchmark'] == b for it in items)}" for b in dict.fromkeys(it["benchmark"]
+                                                                                         for it in items))
+    line = f"plan: {n:,} completions to generate ({bench or 'all cached'}; {len(windows)} window(s)), " \
+           f"at most {n * T:,} new tokens"
+    if items:
+        batch = [it["ids"] for it in items[:batch_size]]
+        g = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+        generate(model, batch[:1], 2, [], adapter=adapters, generator=g, pad_id=tok.pad_id)  # load kernels
+        t0 = time.perf_counter()
+        generate(model, batch, 8, [], window=windows[0], adapter=adapters, generator=g, pad_id=tok.pad_id)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        tok_s = 8 * len(batch) / (time.perf_counter() - t0)
+        line += f"; warm-up {tok_s:,.0f} tok/s at batch {len(batch)} -> at most ~{n * T / tok_s / 3600:,.1f} h"
+    print(line)
+
+
 def run(a):
     t_start = time.time()
     check_args(a)
+    choose_model(a)
     windows = parse_windows(a.window) if a.window is not None else None
     names = [b.strip() for b in a.benchmarks.split(",") if b.strip()]
     data = {b: load_benchmark(b, a.data_dir, a.limit) for b in dict.fromkeys(names)}  # DataError: bad name/file
@@ -327,7 +358,7 @@ def run(a):
     adapter_sha = sha((Path(a.adapter) / "adapter.safetensors").read_bytes()) if a.adapter else None
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     model_id = str(Path(a.model).resolve()) if Path(a.model).is_dir() else a.model  # ./m and /abs/m: one key
-    settings = {"model": model_id, "model_fingerprint": fingerprint(model), "adapter_sha256": adapter_sha,
+    settings = {"model": model_id, "model_fingerprint": fingerprint(model.cfg), "adapter_sha256": adapter_sha,
                 "dtype": dtype, "chat_template_sha256": sha((tok.chat_template or "").encode()),
                 "prompt_style": style, "temperature": T, "top_p": P, "max_new_tokens": a.max_new_tokens, "seed": a.seed}
     settings["hash"] = sha(json.dumps(settings, sort_keys=True).encode())
@@ -342,14 +373,16 @@ def run(a):
     for b, probs in data.items():
         K = a.samples or DEFAULT_SAMPLES.get(b, 1)
         for p in probs:
-            msgs = [{"role": "user", "content": build_user_message(p["problem"], style)}]
             try:
-                ids = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
+                ids = encode_prompt(tok, p["problem"], style)
             except ValueError as e:
                 raise EvalError(f"cannot build the prompt: {e}") from None
             items += [{"benchmark": b, "id": p["id"], "sample": s, "ids": ids, "gold": p["answer"]} for s in range(K)]
     print(f"model {a.model} | method {method} | windows {', '.join(map(window_label, windows))} | "
           f"settings {settings['hash']} | out {out}")
+    pending_all = [it for w in windows for it in items if sample_key(it["benchmark"], it["id"], it["sample"],
+                                                                     window_label(w), settings["hash"]) not in done]
+    print_plan(model, tok, adapters, pending_all, windows, settings, a.batch_size)
     records, generated = [], 0
     for w in windows:
         keyed = [dict(it, key=sample_key(it["benchmark"], it["id"], it["sample"], window_label(w), settings["hash"]))
@@ -393,8 +426,11 @@ def run(a):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate a base model or PTE/LoRA adapters on math benchmarks.")
-    ap.add_argument("--model", required=True, help="local HF folder or hub id")
+    ap.add_argument("--model", default=None, help="local HF folder or hub id (default: the adapter's base model; "
+                    f"with no --adapter either, the newest checkpoint under --runs, else {DEFAULT_MODEL})")
     ap.add_argument("--adapter", default=None, help="folder with adapter.json + adapter.safetensors (pte.py)")
+    ap.add_argument("--runs", default="runs", help="where grpo.py writes (searched when --model and --adapter "
+                    "are both absent)")
     ap.add_argument("--window", default=None, help="thought window W, 'full', or a list: 768,1024,2048,3072,full")
     ap.add_argument("--benchmarks", default=",".join(PAPER_BENCHMARKS), help=f"comma list of {', '.join(BENCHMARKS)}")
     ap.add_argument("--samples", type=int, default=None, help="samples per problem for every benchmark")
@@ -407,7 +443,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt-style", default=None, help=f"{' | '.join(PROMPT_STYLES)}")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
     try:

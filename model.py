@@ -28,6 +28,8 @@ class ModelError(ValueError):
     """Bad model input (missing folder, corrupt file, unsupported config). The message is one line."""
 
 
+DEFAULT_MODEL = "Qwen/Qwen2.5-3B-Instruct"  # the paper's main model: grpo.py trains it, eval.py falls back to it
+
 # what --dtype accepts everywhere (float64: exactness tests and debugging on CPU)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
@@ -400,6 +402,22 @@ def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, top_p=1.
     ev = torch.tensor(eviction_steps(window, max_new_tokens), dtype=torch.long, device=device)
     evictions = (ev[None, :] <= lengths[:, None] - 2).sum(-1)  # events before the last token that mattered
     return Generation(tokens, lengths, logprobs, ~done, evictions, cache.nbytes())
+
+
+def reset_peak_memory(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device) -> int:
+    """Peak bytes: CUDA, the allocator's peak since reset_peak_memory; CPU, the process's peak resident set
+    (model included, never reset). bench.peak_tensor_memory counts the tensors of one call exactly instead."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -28,12 +28,8 @@ gradients through the S chain into W_Q_a, W_K_a, W_V_a, q_g, k_g, v_g. Peak memo
     out = generate(model, prompts, 3072, tok.stop_ids, temperature=1.0, window=1024, adapter=adapters)
     logp = replay(model, adapters, prompts, out.tokens, window=1024, temperature=1.0, loss_fn=...)
 """
-import hashlib
-import json
 import math
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -194,8 +190,7 @@ class Adapters(nn.Module):
         p = next(model.parameters())
         self.to(device=p.device, dtype=adapter_dtype(p.dtype))
         self.S = None  # the chain of states (one (B, r, r) per layer) of the sequence batch being processed
-        self.base_fingerprint = fingerprint(model)
-        self.base_name = getattr(model, "name_or_path", None)
+        self.base_cfg, self.base_name = model.cfg, getattr(model, "name_or_path", None)  # for checkpoint.py
 
     @property
     def is_pte(self):
@@ -290,61 +285,3 @@ def replay(model, adapters, prompts, tokens, window=None, temperature=1.0, loss_
             adapters.activate(None)
             adapters.S = None
     return torch.cat(out, 1)
-
-
-# -----------------------------------------------------------------------------------------------------------
-# adapters on disk: adapter.safetensors + adapter.json
-
-def fingerprint(model) -> str:
-    """A short hash of the base model's architecture (its config), stored with adapters and checked on load."""
-    cfg = {k: v for k, v in asdict(model.cfg).items() if k != "eos_token_ids"}
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _atomic_write(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_adapters(adapters: Adapters, folder, extra=None):
-    from safetensors.torch import save_file
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in adapters.state_dict().items()}
-    meta = {"config": asdict(adapters.cfg), "base_model": adapters.base_name,
-            "base_fingerprint": adapters.base_fingerprint, **(extra or {})}
-    _atomic_write(folder / "adapter.safetensors", lambda p: save_file(sd, str(p)))
-    _atomic_write(folder / "adapter.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
-
-
-def read_adapter_meta(folder) -> dict:
-    path = Path(folder) / "adapter.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AdapterError(f"no adapter.json in {folder}") from None
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path} is not valid JSON: {e}") from None
-
-
-def load_adapters(model, folder) -> Adapters:
-    """Attach the adapters saved in `folder` to `model`; refuses a base model other than the one trained on."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    meta = read_adapter_meta(folder)
-    fp = fingerprint(model)
-    if meta.get("base_fingerprint") != fp:
-        raise AdapterError(f"adapter in {folder} was trained for base model {meta.get('base_model')!r} "
-                           f"(fingerprint {meta.get('base_fingerprint')}), not this one (fingerprint {fp})")
-    try:
-        sd = load_file(str(Path(folder) / "adapter.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise AdapterError(f"cannot read {folder}/adapter.safetensors: {str(e).splitlines()[0]}") from None
-    adapters = Adapters(model, AdapterConfig(**meta["config"]))
-    try:
-        adapters.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise AdapterError(f"adapter.safetensors does not match adapter.json in {folder}: "
-                           f"{str(e).splitlines()[-1].strip()[:200]}") from None
-    return adapters

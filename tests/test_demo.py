@@ -1,4 +1,4 @@
-"""The paper in miniature, reduced (demo.py through grpo.py --demo's code path): after equal GRPO budgets under
+"""The paper in miniature, reduced (demo.py: the real GRPO loop on a toy task): after equal GRPO budgets under
 the same window, pte answers better than lora_c, and its replay memory stays close to lora_c's."""
 import json
 

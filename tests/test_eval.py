@@ -9,7 +9,8 @@ import pytest
 
 import eval as ev
 from model import load_model
-from pte import AdapterConfig, Adapters, save_adapters
+from checkpoint import save_adapters
+from pte import AdapterConfig, Adapters
 
 PROBLEMS = [("What is 2+3?", "5"), ("What is 7*6?", "42"), ("Compute 10-4.", "6"), ("What is 9/3?", "3")]
 
@@ -148,6 +149,22 @@ def test_adapter_method_recorded(qwen_dir, data_dir, tmp_path, capsys):
     assert res["config"]["method"] == "pte" and res["config"]["windows"] == ["8"]  # window from adapter.json
     assert res["config"]["adapter_meta"]["config"]["method"] == "pte" and res["config"]["adapter_sha256"]
     assert "pte W=8" in capsys.readouterr().out
+
+
+def test_no_model_evaluates_newest_checkpoint(qwen_dir, data_dir, tmp_path, capsys):
+    """`python grpo.py` then `python eval.py --window 768`: with neither --model nor --adapter, the newest checkpoint
+    under runs/ is evaluated on its own base model, and the plan (completions, tokens, a time estimate) is printed."""
+    import os
+    old = make_adapter(qwen_dir, tmp_path / "runs" / "grpo" / "ckpt-000001", method="lora_c")
+    new = make_adapter(qwen_dir, tmp_path / "runs" / "grpo" / "ckpt-000002")
+    os.utime(old / "adapter.json", (1, 1))  # older than the other one whatever the file system's clock says
+    args = base_args(qwen_dir, data_dir, tmp_path / "run", "--window", "8", "--runs", str(tmp_path / "runs"))
+    assert ev.main(args[2:]) == 0  # without "--model", qwen_dir
+    printed = capsys.readouterr().out
+    assert f"with adapters {new}" in printed and "newest checkpoint" in printed
+    assert "plan: 8 completions" in printed and "tok/s" in printed
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["config"]["method"] == "pte" and res["config"]["model"] == str(qwen_dir)
 
 
 def test_adapter_for_another_base_model(qwen_dir, llama_dir, data_dir, tmp_path, capsys):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from model import generate, load_model
-from pte import AdapterConfig, AdapterError, Adapters, load_adapters, replay, save_adapters, token_logprobs
+from checkpoint import load_adapters, save_adapters
+from pte import AdapterConfig, AdapterError, Adapters, replay, token_logprobs
 
 METHOD_WINDOW = {"lora": None, "lora_c": 6, "pte": 6}
 
