@@ -2,8 +2,8 @@
 Data for PTE: the training set, the evaluation benchmarks, the prompts, and the reward.
 
 The paper trains with GRPO on DAPO-Math-17K using an outcome reward: r(y) = 1 if the final answer of the
-completion is correct, else 0 (paper-method.md §3.1, rule-based exact matching, no format or length shaping).
-It evaluates on MATH500, OlympiadBench, AMC23, AIME24/25 and (probably) Minerva Math (§5). This file holds:
+completion is correct, else 0 (rule-based exact matching, no format or length shaping; README choice 14).
+It evaluates on MATH500, OlympiadBench, AMC23, AIME24/25 and (probably) Minerva Math (README choice 15). This file holds:
 
   load_train(spec)           DAPO-Math-17k from the hub (deduplicated), or a local JSONL of {"problem", "answer"}
   load_benchmark(name)       one of BENCHMARKS, from --data-dir / $PTE_DATA_DIR (offline copies) or from the hub
@@ -642,7 +642,7 @@ def is_correct(completion, gold, truncated=False, strict=False, style=None):
 
 
 def reward(completion, gold, truncated=False, strict=True, style=None):
-    """The GRPO outcome reward r(y) (paper-method.md §3.1): 1.0 for a correct final answer, else 0.0.
+    """The GRPO outcome reward r(y) (README choice 14): 1.0 for a correct final answer, else 0.0.
 
     Strict by default, unlike is_correct (evaluation): only the marker the prompt asked for counts (style
     "boxed", "dapo", or None for either), whichever comes last. The policy is then rewarded for the format it

@@ -1,7 +1,7 @@
 """
 eval.py: accuracy and efficiency of a base model or of trained adapters (lora, lora_c, pte) on the math
 benchmarks, under the full KV cache or the paper's sliding-window cache policy D, in the layout of Table 1 and
-Figure 3 (paper-method.md §5, §6, §7-A13).
+Figure 3 (the protocol is README choice 15).
 
     python eval.py --window 768                                                   # the newest runs/ checkpoint
     python eval.py --model Qwen/Qwen2.5-3B-Instruct                               # base model, full cache, 6 benchmarks
@@ -9,8 +9,8 @@ Figure 3 (paper-method.md §5, §6, §7-A13).
     python eval.py --model M --adapter runs/pte --window 768,1024,2048,3072,full  # sweep + accuracy_vs_window.png
     python eval.py --model M --benchmarks gsm8k --limit 30 --samples 1 --temperature 0 --data-dir ../shared/data
 
-Protocol (the paper's own eval settings were mostly not recovered; these are paper-method.md §7-A13's choices):
-  benchmarks  math500, olympiadbench, amc23, aime24, aime25, minerva. The sixth, minerva, is INFERRED (§5).
+Protocol (the paper's own eval settings were mostly not recovered; these are README choice 15):
+  benchmarks  math500, olympiadbench, amc23, aime24, aime25, minerva. The sixth, minerva, is INFERRED.
   samples     aime24/25: 16, reported as pass@16; amc23, olympiadbench: 16, reported as avg@16; the others
               (math500, minerva, gsm8k): 1. --samples K sets K everywhere (AIME then reports pass@K).
   sampling    by model family (name or chat template): Qwen-Instruct T 0.7, top-p 0.8; R1-Distill T 0.6, top-p 0.95;
@@ -18,7 +18,7 @@ Protocol (the paper's own eval settings were mostly not recovered; these are pap
   length      3072 new tokens. --window default: full for the base model and lora; for lora_c and pte the window
               in the adapter's adapter.json ("window"), else 1024 (the paper's 1K eval cache).
   prompt      the model's chat template around data.build_user_message(problem, style); style: --prompt-style,
-              else the adapter's "prompt_style", else "boxed".
+              else the adapter's "prompt_style", else "dapo" (README choice 14).
   metrics     avg@K: the mean over problems of the fraction of the K samples that are correct (the pass@1
               estimate), with its standard error over problems; pass@k = mean of 1 - C(n-c,k)/C(n,k) per problem;
               Avg = the mean of the per-benchmark headline numbers (as the paper's Avg column). Efficiency: mean
@@ -60,7 +60,7 @@ PAPER_BENCHMARKS = ("math500", "olympiadbench", "amc23", "aime24", "aime25", "mi
 DEFAULT_SAMPLES = {"aime24": 16, "aime25": 16, "amc23": 16, "olympiadbench": 16}  # every other benchmark: 1
 PASS_HEADLINE = ("aime24", "aime25")  # reported as pass@K; the others as avg@K
 FAMILY_SAMPLING = {"qwen-instruct": (0.7, 0.8), "r1-distill": (0.6, 0.95), "unknown": (0.7, 0.8)}
-SIXTH_NOTE = "minerva as the sixth benchmark is inferred (paper-method.md §5), not confirmed by the paper"
+SIXTH_NOTE = "minerva as the sixth benchmark is inferred (README choice 15), not confirmed by the paper"
 
 
 class EvalError(ValueError):
@@ -351,7 +351,7 @@ def run(a):
     source = f"{family} default" if a.temperature is None and a.top_p is None else "command line"
     T = T if a.temperature is None else a.temperature
     P = P if a.top_p is None else a.top_p
-    style = a.prompt_style or (meta or {}).get("prompt_style") or "boxed"
+    style = a.prompt_style or (meta or {}).get("prompt_style") or "dapo"  # README choice 14: the training template
     if style not in PROMPT_STYLES:
         raise EvalError(f"adapter.json prompt_style {style!r} is not one of {', '.join(PROMPT_STYLES)}")
     sha = lambda b: hashlib.sha256(b).hexdigest()[:16]

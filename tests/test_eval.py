@@ -87,7 +87,7 @@ def test_end_to_end_and_resume(qwen_dir, data_dir, tmp_path, capsys, monkeypatch
     assert m["problems"] == 4 and m["samples"] == 2 and m["headline"] == "avg@2"
     assert set(m["pass@k"]) == {"1", "2"} and m["pass@k"]["1"] == pytest.approx(m["avg"])
     assert res["config"]["method"] == "base" and res["config"]["temperature"] == 1.0
-    assert res["config"]["family"] == "qwen-instruct" and res["config"]["prompt_style"] == "boxed"
+    assert res["config"]["family"] == "qwen-instruct" and res["config"]["prompt_style"] == "dapo"  # choice 14
     assert res["timing"]["per_window"]["8"]["peak_memory_bytes"] > 0
 
     # the second identical run generates nothing and writes the same metrics
