@@ -332,18 +332,11 @@ def print_plan(model, tok, adapters, items, windows, settings, batch_size):  # i
     print(line)
 
 
-def run(a):
-    t_start = time.time()
-    check_args(a)
-    choose_model(a)
-    windows = parse_windows(a.window) if a.window is not None else None
-    names = [b.strip() for b in a.benchmarks.split(",") if b.strip()]
-    data = {b: load_benchmark(b, a.data_dir, a.limit) for b in dict.fromkeys(names)}  # DataError: bad name/file
-    meta = read_adapter_meta(a.adapter) if a.adapter else None
-    model, tok = load_model(a.model, a.dtype, a.device)
-    adapters = load_adapters(model, a.adapter) if a.adapter else None  # AdapterError: another base model
+def resolve_settings(a, model, tok, meta):
+    """Everything that determines a sample (hashed into its key), plus the windows and how sampling was chosen."""
     method = meta["config"]["method"] if meta else "base"
-    if windows is None:
+    windows = parse_windows(a.window) if a.window is not None else None
+    if windows is None:  # lora_c / pte: the window they were trained with (README choice 15)
         w = meta.get("window") if meta else None
         windows = [None] if method in ("base", "lora") else [w if isinstance(w, int) and w > 0 else 1024]
     family = model_family(a.model, tok.chat_template)
@@ -355,21 +348,19 @@ def run(a):
     if style not in PROMPT_STYLES:
         raise EvalError(f"adapter.json prompt_style {style!r} is not one of {', '.join(PROMPT_STYLES)}")
     sha = lambda b: hashlib.sha256(b).hexdigest()[:16]
-    adapter_sha = sha((Path(a.adapter) / "adapter.safetensors").read_bytes()) if a.adapter else None
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     model_id = str(Path(a.model).resolve()) if Path(a.model).is_dir() else a.model  # ./m and /abs/m: one key
-    settings = {"model": model_id, "model_fingerprint": fingerprint(model.cfg), "adapter_sha256": adapter_sha,
-                "dtype": dtype, "chat_template_sha256": sha((tok.chat_template or "").encode()),
-                "prompt_style": style, "temperature": T, "top_p": P, "max_new_tokens": a.max_new_tokens, "seed": a.seed}
+    settings = {"model": model_id, "model_fingerprint": fingerprint(model.cfg),
+                "adapter_sha256": sha((Path(a.adapter) / "adapter.safetensors").read_bytes()) if a.adapter else None,
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "chat_template_sha256": sha((tok.chat_template or "").encode()), "prompt_style": style,
+                "temperature": T, "top_p": P, "max_new_tokens": a.max_new_tokens, "seed": a.seed}
     settings["hash"] = sha(json.dumps(settings, sort_keys=True).encode())
+    return settings, windows, {"method": method, "family": family, "sampling_source": source}
 
-    default_out = Path("runs/eval") / (Path(a.model).name + (f"-{Path(a.adapter).resolve().name}" if a.adapter else ""))
-    out = Path(a.out) if a.out else default_out
-    out.mkdir(parents=True, exist_ok=True)
-    samples_path = out / "samples.jsonl"
-    done = read_samples(samples_path)
 
-    items = []  # (benchmark, problem, sample) with its prompt, for every window
+def build_items(a, tok, data, style):
+    """One item per (benchmark, problem, sample), with its prompt ids; the same items at every window."""
+    items = []
     for b, probs in data.items():
         K = a.samples or DEFAULT_SAMPLES.get(b, 1)
         for p in probs:
@@ -378,40 +369,29 @@ def run(a):
             except ValueError as e:
                 raise EvalError(f"cannot build the prompt: {e}") from None
             items += [{"benchmark": b, "id": p["id"], "sample": s, "ids": ids, "gold": p["answer"]} for s in range(K)]
-    print(f"model {a.model} | method {method} | windows {', '.join(map(window_label, windows))} | "
-          f"settings {settings['hash']} | out {out}")
-    pending_all = [it for w in windows for it in items if sample_key(it["benchmark"], it["id"], it["sample"],
-                                                                     window_label(w), settings["hash"]) not in done]
-    print_plan(model, tok, adapters, pending_all, windows, settings, a.batch_size)
-    records, generated = [], 0
-    for w in windows:
-        keyed = [dict(it, key=sample_key(it["benchmark"], it["id"], it["sample"], window_label(w), settings["hash"]))
-                 for it in items]
-        pending = [it for it in keyed if it["key"] not in done]
-        print(f"window {window_label(w)}: {len(pending)} to generate, {len(keyed) - len(pending)} cached")
-        if pending:
-            for ln in evaluate_window(model, tok, adapters, pending, w, settings, samples_path, a.batch_size):
-                done[sample_key(ln["benchmark"], ln["id"], ln["sample"], ln["window"], ln["settings"])] = ln
-            generated += len(pending)
-        records += [done[it["key"]] for it in keyed]
+    return items
 
+
+def write_results(a, out, records, data, windows, settings, info, meta, items, timing_extra):
+    """results.json (metrics from the sample lines only), the printed table and, for a sweep, the plot."""
     metrics, timing = summarize(records, list(data), windows)
     notes = [SIXTH_NOTE] if "minerva" in data else []
-    if T == 0 and max(it["sample"] for it in items) > 0:
+    if settings["temperature"] == 0 and max(it["sample"] for it in items) > 0:
         notes.append("greedy decoding (T 0): the samples of a problem are identical, pass@k = avg")
     results = {
         "config": {"model": a.model, "model_fingerprint": settings["model_fingerprint"], "adapter": a.adapter,
-                   "adapter_sha256": adapter_sha, "adapter_meta": meta, "method": method, "family": family,
-                   "temperature": T, "top_p": P, "sampling_source": source, "greedy": T == 0,
+                   "adapter_sha256": settings["adapter_sha256"], "adapter_meta": meta, "method": info["method"],
+                   "family": info["family"], "temperature": settings["temperature"], "top_p": settings["top_p"],
+                   "sampling_source": info["sampling_source"], "greedy": settings["temperature"] == 0,
                    "max_new_tokens": a.max_new_tokens, "windows": [window_label(w) for w in windows],
                    "benchmarks": list(data), "samples": {b: a.samples or DEFAULT_SAMPLES.get(b, 1) for b in data},
-                   "limit": a.limit, "prompt_style": style, "chat_template_sha256": settings["chat_template_sha256"],
-                   "dtype": dtype, "seed": a.seed, "settings_hash": settings["hash"], "batch_size": a.batch_size,
+                   "limit": a.limit, "prompt_style": settings["prompt_style"],
+                   "chat_template_sha256": settings["chat_template_sha256"], "dtype": settings["dtype"],
+                   "seed": a.seed, "settings_hash": settings["hash"], "batch_size": a.batch_size,
                    "eviction": "prompt pinned; oldest ceil(W/4) thought tokens evicted when W are held (cache.py)"},
         "notes": notes,
         "metrics": metrics,
-        "timing": {"per_window": timing, "device": str(next(model.parameters()).device),
-                   "generated_this_run": generated, "wall_seconds_this_run": time.time() - t_start},
+        "timing": {"per_window": timing, **timing_extra},
     }
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))
@@ -420,7 +400,45 @@ def run(a):
     if len(windows) > 1:
         plot_sweep(results, out / "accuracy_vs_window.png")
         print(f"wrote {out / 'accuracy_vs_window.png'}")
-    print(f"wrote {out / 'results.json'} and {samples_path}")
+    print(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
+
+
+def run(a):
+    t_start = time.time()
+    check_args(a)
+    choose_model(a)
+    if a.window is not None:
+        parse_windows(a.window)  # a bad --window fails before anything is loaded
+    names = [b.strip() for b in a.benchmarks.split(",") if b.strip()]
+    data = {b: load_benchmark(b, a.data_dir, a.limit) for b in dict.fromkeys(names)}  # DataError: bad name/file
+    meta = read_adapter_meta(a.adapter) if a.adapter else None
+    model, tok = load_model(a.model, a.dtype, a.device)
+    adapters = load_adapters(model, a.adapter) if a.adapter else None  # AdapterError: another base model
+    settings, windows, info = resolve_settings(a, model, tok, meta)
+    default_out = Path("runs/eval") / (Path(a.model).name + (f"-{Path(a.adapter).resolve().name}" if a.adapter else ""))
+    out = Path(a.out) if a.out else default_out
+    out.mkdir(parents=True, exist_ok=True)
+    samples_path = out / "samples.jsonl"
+    done = read_samples(samples_path)
+    items = build_items(a, tok, data, settings["prompt_style"])
+    print(f"model {a.model} | method {info['method']} | windows {', '.join(map(window_label, windows))} | "
+          f"settings {settings['hash']} | out {out}")
+    keyed = {w: [dict(it, key=sample_key(it["benchmark"], it["id"], it["sample"], window_label(w),
+                                         settings["hash"])) for it in items] for w in windows}
+    print_plan(model, tok, adapters, [it for w in windows for it in keyed[w] if it["key"] not in done], windows,
+               settings, a.batch_size)
+    records, generated = [], 0
+    for w in windows:
+        pending = [it for it in keyed[w] if it["key"] not in done]
+        print(f"window {window_label(w)}: {len(pending)} to generate, {len(keyed[w]) - len(pending)} cached")
+        if pending:
+            for ln in evaluate_window(model, tok, adapters, pending, w, settings, samples_path, a.batch_size):
+                done[sample_key(ln["benchmark"], ln["id"], ln["sample"], ln["window"], ln["settings"])] = ln
+            generated += len(pending)
+        records += [done[it["key"]] for it in keyed[w]]
+    write_results(a, out, records, data, windows, settings, info, meta, items,
+                  {"device": str(next(model.parameters()).device), "generated_this_run": generated,
+                   "wall_seconds_this_run": time.time() - t_start})
     return 0
 
 
