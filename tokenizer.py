@@ -28,12 +28,15 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class TokenizerError(ValueError):
+    """A model folder without a usable tokenizer. One line; model.load_model reports it as a ModelError."""
+
+
 class Tokenizer:
     def __init__(self, folder, extra_eos=()):
-        from model import ModelError
         folder = Path(folder)
         if not (folder / "tokenizer.json").exists():
-            raise ModelError(f"missing tokenizer.json in {folder}")
+            raise TokenizerError(f"missing tokenizer.json in {folder}")
         self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
         cfg_path = folder / "tokenizer_config.json"
         self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
