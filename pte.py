@@ -40,9 +40,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import eviction_steps, left_pad
+from model import apply_rope, eviction_steps, left_pad, rope_cos_sin
 
 METHODS = ("lora", "lora_c", "pte")
+STATE_UPDATES = ("literal", "unit", "scaled", "gated", "unit_gated")
+FOLD_KEYS = ("rotated", "unrotated")
 TARGETS = {"qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
            "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 
@@ -61,6 +63,9 @@ class AdapterConfig:
     global_only: bool = False     # ablation "Global-Only": S stays S0, evictions are not folded in
     state_softmax: bool = False   # Eq. 4 with softmax(Q K^T / sqrt(r)) V: a stability variant, not the paper's form
     normalize: str = "row"        # Eq. 6's Normalize, undefined in the paper: row-wise L2 (§7-A6) | frobenius | none
+    state_update: str = "literal"  # Eq. 6's S' term: literal | unit | scaled | gated | unit_gated (LayerAdapter.update)
+    gate_init: float = 0.25        # unit_gated: initial weight of Normalize(S') against the normalised S
+    fold_keys: str = "rotated"     # keys folded by Eq. 4: rotated (as cached, post-RoPE) | unrotated (RoPE undone)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -73,6 +78,10 @@ class AdapterConfig:
             self.alpha = float(self.rank)
         if self.normalize not in ("row", "frobenius", "none"):
             raise AdapterError(f"unknown normalize {self.normalize!r} (row, frobenius, none)")
+        if self.state_update not in STATE_UPDATES:
+            raise AdapterError(f"unknown state_update {self.state_update!r} ({', '.join(STATE_UPDATES)})")
+        if self.fold_keys not in FOLD_KEYS:
+            raise AdapterError(f"unknown fold_keys {self.fold_keys!r} ({', '.join(FOLD_KEYS)})")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -137,6 +146,9 @@ class LayerAdapter(nn.Module):
             self.v_g = nn.Parameter(torch.randn(cfg.n_global, d_kv) * 0.02)
             self.W_Q_a, self.W_K_a, self.W_V_a = (nn.Parameter(nn.init.xavier_uniform_(torch.empty(r, d_kv)))
                                                   for _ in range(3))
+            self.d_kv = d_kv
+            if cfg.state_update in ("gated", "unit_gated"):  # learnable per-layer log-weight of S', init 0
+                self.log_gate = nn.Parameter(torch.zeros(()))
 
     def normalize(self, S):  # Eq. 6; paper silent: row-wise L2 keeps |S| bounded over any number of events
         if self.cfg.normalize == "row":
@@ -155,6 +167,27 @@ class LayerAdapter(nn.Module):
         if self.cfg.state_softmax:
             return torch.softmax(Q @ Kp.transpose(1, 2) / math.sqrt(Q.shape[-1]), -1) @ Vp
         return Q @ (Kp.transpose(1, 2) @ Vp)
+
+    def update(self, S, K_e, V_e):
+        """Eq. 6, one event: S (B, r, r), evicted K_e, V_e (B, m, d_kv) -> Normalize(S + w * S'), S' = Eq. 4.
+        The paper's S' is unnormalised and S is normalised, so with the literal w = 1 S' dominates: on real Qwen
+        weights one event (m = 192) gives S' row norms 77-676 and S_after ~ Normalize(S') (cos >= 0.998).
+        state_update chooses w:  literal  w = 1 (the paper as written)
+                                 unit     S' replaced by Normalize(S') (same Normalize as S)
+                                 scaled   w = 1 / (m sqrt(d_kv))
+                                 gated    w = exp(log_gate) / (m sqrt(d_kv)), log_gate learnable per layer, init 0
+                                 unit_gated  Normalize(S') weighted by gate_init * exp(log_gate)"""
+        Sp = self.encode(K_e, V_e)
+        mode, m = self.cfg.state_update, K_e.shape[1]
+        if mode == "unit":
+            Sp = self.normalize(Sp)
+        elif mode == "scaled":
+            Sp = Sp / (m * math.sqrt(self.d_kv))
+        elif mode == "gated":
+            Sp = Sp * (self.log_gate.exp() / (m * math.sqrt(self.d_kv)))
+        elif mode == "unit_gated":
+            Sp = self.normalize(Sp) * (self.cfg.gate_init * self.log_gate.exp())
+        return self.normalize(S + Sp)
 
     def initial_state(self, B):
         r, p = self.cfg.rank, self.q_g
@@ -184,6 +217,7 @@ class Adapters(nn.Module):
                 setattr(owners[n], n, LoRALinear(lin, la.lora[n], la, cfg.alpha / cfg.rank))
         p = next(model.parameters())
         self.to(device=p.device, dtype=p.dtype)
+        self.register_buffer("inv_freq", model.inv_freq.clone(), persistent=False)  # to undo RoPE (fold_keys)
         self.S = None  # the chain of states (one (B, r, r) per layer) of the sequence batch being processed
         self.base_fingerprint = fingerprint(model)
         self.base_name = getattr(model, "name_or_path", None)
@@ -205,14 +239,21 @@ class Adapters(nn.Module):
         self.S = [la.initial_state(B) for la in self.layers] if self.is_pte else None
         self.activate(self.S)
 
-    def fold(self, K_e, V_e):
-        """One eviction event. K_e, V_e (L, B, H_kv, E, D) from cache.evict(); heads concatenated (§7-A7)."""
+    def fold(self, K_e, V_e, pos_e=None):
+        """One eviction event. K_e, V_e (L, B, H_kv, E, D), pos_e (B, E) from cache.evict(); heads concatenated
+        (§7-A7). The cache holds post-RoPE keys; fold_keys="unrotated" rotates them back by -pos_e first (the
+        global query q_g has no position), and then needs pos_e."""
         if not self.is_pte or self.cfg.global_only:
             return
         L, B, H, E, D = K_e.shape
+        if self.cfg.fold_keys == "unrotated":
+            if pos_e is None:
+                raise AdapterError("fold_keys='unrotated' needs the evicted positions: fold(K_e, V_e, pos_e)")
+            cos, sin = rope_cos_sin(self.inv_freq, pos_e.to(self.inv_freq.device), K_e.dtype)  # (B, 1, E, D)
+            K_e = apply_rope(K_e, cos, -sin)  # rotation by -pos: the inverse of the cache's RoPE
         flat = lambda X: X.transpose(2, 3).reshape(L, B, E, H * D)  # (L, B, E, d_kv)
         K_e, V_e = flat(K_e), flat(V_e)
-        self.S = [la.normalize(S + la.encode(K_e[i], V_e[i])) for i, (la, S) in enumerate(zip(self.layers, self.S))]
+        self.S = [la.update(S, K_e[i], V_e[i]) for i, (la, S) in enumerate(zip(self.layers, self.S))]
         self.activate(self.S)
 
 
@@ -256,9 +297,9 @@ def replay(model, adapters, prompts, tokens, window=None, temperature=1.0, loss_
         chain, leaves, out = [], [], []
         for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             if s > 0:
-                K_e, V_e, _ = cache.evict()
+                K_e, V_e, pos_e = cache.evict()
                 if adapters is not None:
-                    adapters.fold(K_e, V_e)
+                    adapters.fold(K_e, V_e, pos_e)
             if train and adapters is not None and adapters.is_pte:
                 leaf = [S.detach().requires_grad_() for S in adapters.S]
                 adapters.activate(leaf)
