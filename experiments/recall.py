@@ -37,24 +37,29 @@ BOS, QUERY, W = 30, 31, 8
 
 VARIANTS = {  # name -> (method, AdapterConfig overrides, probe)
     "lora_c": ("lora_c", {}, None),
-    "literal": ("pte", {}, None),
+    "literal": ("pte", {"state_update": "literal"}, None),
     "unit": ("pte", {"state_update": "unit"}, None),
     "scaled": ("pte", {"state_update": "scaled"}, None),
     "gated": ("pte", {"state_update": "gated"}, None),
     "unit_gated": ("pte", {"state_update": "unit_gated"}, None),
     "unit_gated_unrot": ("pte", {"state_update": "unit_gated", "fold_keys": "unrotated"}, None),
-    "softmax": ("pte", {"state_softmax": True}, None),
-    "literal_unrot": ("pte", {"fold_keys": "unrotated"}, None),
+    "softmax": ("pte", {"state_update": "literal", "state_softmax": True}, None),
+    "literal_unrot": ("pte", {"state_update": "literal", "fold_keys": "unrotated"}, None),
     "unit_unrot": ("pte", {"state_update": "unit", "fold_keys": "unrotated"}, None),
     "scaled_unrot": ("pte", {"state_update": "scaled", "fold_keys": "unrotated"}, None),
     "gated_unrot": ("pte", {"state_update": "gated", "fold_keys": "unrotated"}, None),
-    "reset": ("pte", {}, "reset"),
-    "kv_S0": ("pte", {}, "kv_S0"),
-    "cut": ("pte", {}, "cut"),
-    "literal_x300": ("pte", {}, "amp"),
+    "reset": ("pte", {"state_update": "literal"}, "reset"),
+    "kv_S0": ("pte", {"state_update": "literal"}, "kv_S0"),
+    "cut": ("pte", {"state_update": "literal"}, "cut"),
+    "literal_x300": ("pte", {"state_update": "literal"}, "amp"),
     "unit_cut": ("pte", {"state_update": "unit"}, "cut"),
     "scaled_cut": ("pte", {"state_update": "scaled"}, "cut"),
 }
+
+
+def n_fill_for(k_events):  # events before thought t = W, W+E, ... < T-1 = n_fill + 2; the first evicts the secret
+    E = math.ceil(W / 4)
+    return W + E * k_events
 
 
 def toy_model(seed=0):
@@ -192,7 +197,7 @@ def diagnostics(model, ad, n_fill, n=64):
 
 def run(variant, k_events, lr, steps, bsz, base_sd):
     method, over, probe = VARIANTS[variant]
-    n_fill = 2 * k_events + 8
+    n_fill = n_fill_for(k_events)
     n_events = k_events + 1  # the secret's own event + k after it
     model = toy_model()
     model.load_state_dict(base_sd)
@@ -210,7 +215,7 @@ def run(variant, k_events, lr, steps, bsz, base_sd):
         replay(model, ad, [[BOS]] * bsz, y, window=W, loss_fn=loss_fn)
         opt.step()
     acc = accuracy(model, ad, n_fill, torch.Generator().manual_seed(3))
-    out = {"variant": variant, "events": k_events, "lr": lr, "steps": steps, "batch": bsz, "acc": acc,
+    out = {"variant": variant, "events": k_events, "window": W, "lr": lr, "steps": steps, "batch": bsz, "acc": acc,
            "seconds": round(time.time() - t, 1), **diagnostics(model, ad, n_fill)}
     if method == "pte" and over.get("state_update") in ("gated", "unit_gated"):
         out["gate"] = [float(la.log_gate.detach().exp()) for la in ad.layers]
@@ -226,18 +231,21 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "experiments" / "recall.json"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--window", type=int, default=8, help="W; E = ceil(W/4) = m tokens folded per event")
     args = ap.parse_args()
+    global W
+    W = args.window
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {"runs": [], "base_acc": {}}
-    done = {(r["variant"], r["events"], r["lr"], r["steps"], r["batch"]) for r in results["runs"]}
+    done = {(r["variant"], r["events"], r["lr"], r["steps"], r["batch"], r.get("window", 8)) for r in results["runs"]}
     for k in args.events:
         base = toy_model()
-        results["base_acc"][str(k)] = train_base(base, 2 * k + 8, torch.Generator().manual_seed(0))
+        results["base_acc"][f"{k}" if W == 8 else f"{k}@W{W}"] = train_base(base, n_fill_for(k), torch.Generator().manual_seed(0))
         sd = base.state_dict()
         for lr in args.lrs:
             for v in args.variants:
-                if (v, k, lr, args.steps, args.batch) in done:
+                if (v, k, lr, args.steps, args.batch, W) in done:
                     continue
                 r = run(v, k, lr, args.steps, args.batch, sd)
                 print(json.dumps(r), flush=True)
@@ -248,12 +256,14 @@ def main():
 
 def print_table(results):
     runs = results["runs"]
-    cols = sorted({r["events"] for r in runs})
-    for lr in sorted({r["lr"] for r in runs}):
-        print(f"\nlr {lr:g}: accuracy vs events after the secret's eviction (chance 0.10)")
+    for w, lr in sorted({(r.get("window", 8), r["lr"]) for r in runs}):
+        sel = [r for r in runs if r.get("window", 8) == w and r["lr"] == lr]
+        cols = sorted({r["events"] for r in sel})
+        print(f"\nW {w} (m = {math.ceil(w / 4)}), lr {lr:g}: accuracy vs events after the secret's eviction "
+              f"(chance 0.10)")
         print(f"{'variant':16s}" + "".join(f"{k:>8d}" for k in cols))
         for v in VARIANTS:
-            row = {r["events"]: r["acc"] for r in runs if r["variant"] == v and r["lr"] == lr}
+            row = {r["events"]: r["acc"] for r in sel if r["variant"] == v}
             if row:
                 print(f"{v:16s}" + "".join(f"{row[k]:8.2f}" if k in row else f"{'':>8s}" for k in cols))
 

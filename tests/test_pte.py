@@ -55,6 +55,18 @@ def test_replay_matches_rollout(qwen_dir, llama_dir, kind, method, softmax):
     assert (base_lp - out.logprobs).abs().max() > 1e-2
 
 
+def plain_update(la, S, Sp, m):
+    """Eq. 6 written out for each state_update (row Normalize); m evicted tokens."""
+    unit = lambda X: X / X.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    mode = la.cfg.state_update
+    w = {"literal": 1.0, "unit": 1.0, "scaled": 1 / (m * la.d_kv ** 0.5)}.get(mode)
+    if mode == "gated":
+        w = la.log_gate.exp() / (m * la.d_kv ** 0.5)
+    if mode == "unit_gated":
+        w = la.cfg.gate_init * la.log_gate.exp()
+    return unit(S + w * (unit(Sp) if mode in ("unit", "unit_gated") else Sp))
+
+
 def plain_replay_loss(model, ad, prompts, tokens, window, weights):
     """The same computation in one autograd graph (memory-hungry): states by plain autograd, no leaves, one
     backward. Carried K/V are detached exactly as in replay (cache.update keeps detached copies)."""
@@ -76,7 +88,7 @@ def plain_replay_loss(model, ad, prompts, tokens, window, weights):
             if ad.is_pte:
                 L, B_, H, E, D = K_e.shape
                 K_e, V_e = (X.transpose(2, 3).reshape(L, B_, E, H * D) for X in (K_e, V_e))
-                S = [la.normalize(S_l + plain_encode(la, K_e[i], V_e[i])) for i, (la, S_l) in enumerate(zip(ad.layers, S))]
+                S = [plain_update(la, S_l, plain_encode(la, K_e[i], V_e[i]), E) for i, (la, S_l) in enumerate(zip(ad.layers, S))]
                 ad.activate(S)
         x = tokens[:, a:b] if s > 0 else torch.cat([idx, tokens[:, :b]], 1)
         h = model(x, cache, hidden_only=True)
@@ -87,10 +99,12 @@ def plain_replay_loss(model, ad, prompts, tokens, window, weights):
     ad.activate(None)
 
 
-@pytest.mark.parametrize("method", ["lora", "lora_c", "pte"])
-def test_gradient_parity_with_plain_implementation(qwen_dir, method):
+@pytest.mark.parametrize("method,update", [("lora", None), ("lora_c", None), ("pte", None), ("pte", "literal"),
+                                           ("pte", "unit"), ("pte", "gated"), ("pte", "unit_gated")])
+def test_gradient_parity_with_plain_implementation(qwen_dir, method, update):
     model, tok = load_model(str(qwen_dir))
-    ad = Adapters(model, AdapterConfig(method=method, rank=4, n_global=3))
+    kw = {"state_update": update} if update else {}  # None: the default (scaled)
+    ad = Adapters(model, AdapterConfig(method=method, rank=4, n_global=3, **kw))
     randomize(ad, seed=2, std=0.2)
     W, P = METHOD_WINDOW[method], prompts_for(3)
     out = generate(model, P, 30, [], temperature=1.0, window=W, adapter=ad,
@@ -103,7 +117,8 @@ def test_gradient_parity_with_plain_implementation(qwen_dir, method):
     plain_replay_loss(model, ad, P, out.tokens, W, weights)
     for n, p in ad.named_parameters():
         rel = (seg[n] - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
-        assert rel < 1e-5, (n, float(rel))
+        # unit modes normalise S' too: one more fp32 normalisation of a small S' (rel. error ~2e-4 seen)
+        assert rel < (1e-3 if update in ("unit", "unit_gated") else 1e-5), (n, float(rel))
         if method == "pte":
             assert seg[n].abs().sum() > 0, f"{n} received no gradient"
 
