@@ -12,7 +12,7 @@ PTE, per layer l and per sequence (shapes with d_kv = n_kv_heads * head_dim, r =
     S0 = Normalize((W_Q_a q_g)(W_K_a k_g)^T (W_V_a v_g))              Eq. 7   (n_g = 0  =>  S0 = 0)
     at each eviction event with evicted K_e, V_e (m, d_kv):
     S' = (W_Q_a q_g)(W_K_a K_e)^T (W_V_a V_e)                          Eq. 4   (r, r)
-    S  = Normalize(S + S')                                             Eq. 6
+    S  = Normalize(S + S' / (m sqrt(d_kv)))                            Eq. 6   (paper: S + S'; see LayerAdapter.update)
     y  = W x + (alpha/r) A S B x,   A (d_out, r), B (r, d_in)          Eq. 5   (Delta W = A S B, never materialised)
 Plain LoRA is the same adapter with S = I (y = W x + (alpha/r) A B x).
 
@@ -36,9 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import eviction_steps, left_pad, logprob_dtype
+from model import apply_rope, eviction_steps, left_pad, logprob_dtype, rope_cos_sin
 
 METHODS = ("lora", "lora_c", "pte")
+STATE_UPDATES = ("literal", "unit", "scaled", "gated", "unit_gated")
+FOLD_KEYS = ("rotated", "unrotated")
 TARGETS = {"qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
            "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 
@@ -57,6 +59,9 @@ class AdapterConfig:
     global_only: bool = False     # ablation "Global-Only": S stays S0, evictions are not folded in
     state_softmax: bool = False   # Eq. 4 with softmax(Q K^T / sqrt(r)) V: a stability variant, not the paper's form
     normalize: str = "row"        # Eq. 6's Normalize, undefined in the paper: row-wise L2 (§7-A6) | frobenius | none
+    state_update: str = "scaled"   # Eq. 6's S' weight: scaled | literal | unit | gated | unit_gated (LayerAdapter.update)
+    gate_init: float = 0.25        # unit_gated: initial weight of Normalize(S') against the normalised S
+    fold_keys: str = "rotated"     # keys folded by Eq. 4: rotated (as cached, post-RoPE) | unrotated (RoPE undone)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -69,6 +74,10 @@ class AdapterConfig:
             self.alpha = float(self.rank)
         if self.normalize not in ("row", "frobenius", "none"):
             raise AdapterError(f"unknown normalize {self.normalize!r} (row, frobenius, none)")
+        if self.state_update not in STATE_UPDATES:
+            raise AdapterError(f"unknown state_update {self.state_update!r} ({', '.join(STATE_UPDATES)})")
+        if self.fold_keys not in FOLD_KEYS:
+            raise AdapterError(f"unknown fold_keys {self.fold_keys!r} ({', '.join(FOLD_KEYS)})")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -142,6 +151,9 @@ class LayerAdapter(nn.Module):
             self.v_g = nn.Parameter(torch.randn(cfg.n_global, d_kv) * 0.02)
             self.W_Q_a, self.W_K_a, self.W_V_a = (nn.Parameter(nn.init.xavier_uniform_(torch.empty(r, d_kv)))
                                                   for _ in range(3))
+            self.d_kv = d_kv
+            if cfg.state_update in ("gated", "unit_gated"):  # learnable per-layer log-weight of S', init 0
+                self.log_gate = nn.Parameter(torch.zeros(()))
 
     def normalize(self, S):  # Eq. 6; paper silent: row-wise L2 keeps |S| bounded over any number of events
         if self.cfg.normalize == "row":
@@ -160,6 +172,50 @@ class LayerAdapter(nn.Module):
         if self.cfg.state_softmax:
             return torch.softmax(Q @ Kp.transpose(1, 2) / math.sqrt(Q.shape[-1]), -1) @ Vp
         return Q @ (Kp.transpose(1, 2) @ Vp)
+
+    def update(self, S, K_e, V_e):
+        """Eq. 6, one event: S (B, r, r), evicted K_e, V_e (B, m, d_kv) -> Normalize(S + w * S'), S' = Eq. 4.
+
+        Why the default is w = 1 / (m sqrt(d_kv)) ("scaled") and not the paper's w = 1 ("literal").
+        S is row-normalised, S' is not. On real Qwen weights one event (m = 192) gives S' row norms 77-676, so
+        the literal S_after ~ Normalize(S') (cos >= 0.998): every event overwrites the state. Evidence from the
+        toy recall task (experiments/recall.py -> recall.json; 2 layers, d_kv = 32, r = 8, 150 steps, lr 1e-3):
+        - What carries the secret is the SUM S + S', not the chain "S shapes the next K/V, folded next". With S
+          read only at the query (evicted K/V never depend on S: probe `cut`) recall is 1.00 at 10 events after
+          the secret; keeping only the chain (S = Normalize(S0 + S'): probe `reset`) gives chance (0.09); k/v
+          adapters on S0 (probe `kv_S0`) 0.90.
+        - At W = 8 (m = 2) the toy's S' rows are ~0.2, not 77-676: the literal form sits where S survives an
+          event (cos(S_after, S_before) ~ 0.97) and recalls 1.00 / 0.99 / 0.92 at 3 / 10 / 30 events. In the
+          real-weight regime (S' x 300) it is at chance from 3 events on (0.21 / 0.10 / 0.11); `unit` (every
+          event weighs as much as all of S) 0.69 / 0.13 at 3 / 10; softmax (rows ~2.6) 0.10 at 10. The literal
+          S' grows with m: at W = 64 (m = 16, rows ~1.6, survival 0.83) it is 0.94 at 3 events, 0.10 at 10.
+        - `scaled` keeps S''s magnitude (the encoder's per-token write strength: the digit written hard, the
+          fillers softly; `unit_gated`, 0.25 Normalize(S'), loses it: 0.45 / 0.07 at 10 / 30) and divides out m
+          and d_kv: real-weight rows 77-676 become 0.03-0.22, the regime where the toy works. Toy: 0.97 / 0.93 /
+          0.93 / 0.89 at 1 / 3 / 10 / 30 events, survival cos(S_after, S_before) 0.98-0.995 per event.
+          lr sweep at 10 events (3e-4 / 1e-3 / 3e-3): scaled 0.12 / 0.93 / 1.00, literal 0.39 / 0.99 / 1.00.
+          Its limits: it needs the larger lr (its S' starts ~10x smaller): at m = 16 (W = 64), 3 events, it is
+          0.42 at lr 1e-3 and 0.88 at 3e-3; 0.17 at 10 events (lr 1e-3, where literal is 0.10).
+        - `gated` (scaled times a learned exp(log_gate), init 1) stayed within 10% of init (Adam moves the log
+          by ~lr per step) and matched scaled (0.93 at 10 events). Unrotated keys: literal 0.99 at 10 (= rotated).
+        state_update chooses w:  scaled   w = 1 / (m sqrt(d_kv))   (default)
+                                 literal  w = 1 (the paper as written)
+                                 unit     S' replaced by Normalize(S') (same Normalize as S)
+                                 gated    w = exp(log_gate) / (m sqrt(d_kv)), log_gate learnable per layer, init 0
+                                 unit_gated  Normalize(S') weighted by gate_init * exp(log_gate)
+        With state_softmax, S' is an average over the m tokens, not a sum; the old softmax variant is
+        state_softmax=True with state_update="literal"."""
+        Sp = self.encode(K_e, V_e)
+        mode, m = self.cfg.state_update, K_e.shape[1]
+        if mode == "unit":
+            Sp = self.normalize(Sp)
+        elif mode == "scaled":
+            Sp = Sp / (m * math.sqrt(self.d_kv))
+        elif mode == "gated":
+            Sp = Sp * (self.log_gate.exp() / (m * math.sqrt(self.d_kv)))
+        elif mode == "unit_gated":
+            Sp = self.normalize(Sp) * (self.cfg.gate_init * self.log_gate.exp())
+        return self.normalize(S + Sp)
 
     def initial_state(self, B):
         r, p = self.cfg.rank, self.q_g
@@ -189,6 +245,7 @@ class Adapters(nn.Module):
                 setattr(owners[n], n, LoRALinear(lin, la.lora[n], la, cfg.alpha / cfg.rank))
         p = next(model.parameters())
         self.to(device=p.device, dtype=adapter_dtype(p.dtype))
+        self.register_buffer("inv_freq", model.inv_freq.clone(), persistent=False)  # to undo RoPE (fold_keys)
         self.S = None  # the chain of states (one (B, r, r) per layer) of the sequence batch being processed
         self.base_cfg, self.base_name = model.cfg, getattr(model, "name_or_path", None)  # for checkpoint.py
 
@@ -209,15 +266,22 @@ class Adapters(nn.Module):
         self.S = [la.initial_state(B) for la in self.layers] if self.is_pte else None
         self.activate(self.S)
 
-    def fold(self, K_e, V_e):
-        """One eviction event. K_e, V_e (L, B, H_kv, E, D) from cache.evict(); heads concatenated (§7-A7)."""
+    def fold(self, K_e, V_e, pos_e=None):
+        """One eviction event. K_e, V_e (L, B, H_kv, E, D), pos_e (B, E) from cache.evict(); heads concatenated
+        (§7-A7). The cache holds post-RoPE keys; fold_keys="unrotated" rotates them back by -pos_e first (the
+        global query q_g has no position), and then needs pos_e."""
         if not self.is_pte or self.cfg.global_only:
             return
         L, B, H, E, D = K_e.shape
+        if self.cfg.fold_keys == "unrotated":
+            if pos_e is None:
+                raise AdapterError("fold_keys='unrotated' needs the evicted positions: fold(K_e, V_e, pos_e)")
+            cos, sin = rope_cos_sin(self.inv_freq, pos_e.to(self.inv_freq.device), K_e.dtype)  # (B, 1, E, D)
+            K_e = apply_rope(K_e, cos, -sin)  # rotation by -pos: the inverse of the cache's RoPE
         dt = next(self.parameters()).dtype  # the state is computed in the adapters' dtype (fp32 on a bf16 model)
         flat = lambda X: X.transpose(2, 3).reshape(L, B, E, H * D).to(dt)  # (L, B, E, d_kv)
         K_e, V_e = flat(K_e), flat(V_e)
-        self.S = [la.normalize(S + la.encode(K_e[i], V_e[i])) for i, (la, S) in enumerate(zip(self.layers, self.S))]
+        self.S = [la.update(S, K_e[i], V_e[i]) for i, (la, S) in enumerate(zip(self.layers, self.S))]
         self.activate(self.S)
 
 
@@ -261,9 +325,9 @@ def replay(model, adapters, prompts, tokens, window=None, temperature=1.0, loss_
         chain, leaves, out = [], [], []
         for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             if s > 0:
-                K_e, V_e, _ = cache.evict()
+                K_e, V_e, pos_e = cache.evict()
                 if adapters is not None:
-                    adapters.fold(K_e, V_e)
+                    adapters.fold(K_e, V_e, pos_e)
             if train and adapters is not None and adapters.is_pte:
                 leaf = [S.detach().requires_grad_() for S in adapters.S]
                 adapters.activate(leaf)
