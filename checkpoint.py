@@ -4,7 +4,8 @@ loads) and GRPO checkpoints (an adapter folder plus trainer.pt: optimizer, RNG s
 `grpo.py --resume` continues from).
 
     runs/grpo/ckpt-000025/adapter.safetensors   the adapters' parameters (pte.Adapters.state_dict())
-                          adapter.json          AdapterConfig, base model name and fingerprint, training settings
+                          adapter.json          AdapterConfig, base model name and fingerprint,
+                                                training settings
                           trainer.pt            step, data position, AdamW state, config, RNG states
 
 Every file is written to a temporary name and renamed, and a checkpoint folder is complete before it replaces
@@ -26,14 +27,16 @@ from pte import AdapterConfig, AdapterError, Adapters
 
 
 class CheckpointError(ValueError):
-    """An unusable checkpoint. The message is one line and names an intact earlier checkpoint if there is one."""
+    """An unusable checkpoint. The message is one line and names an intact earlier checkpoint
+    if there is one."""
 
 
 # -----------------------------------------------------------------------------------------------------------
 # adapters: adapter.safetensors + adapter.json
 
 def fingerprint(model_cfg) -> str:
-    """A short hash of the base model's architecture (its ModelConfig), stored with adapters, checked on load."""
+    """A short hash of the base model's architecture (its ModelConfig), stored with adapters,
+    checked on load."""
     cfg = {k: v for k, v in asdict(model_cfg).items() if k != "eos_token_ids"}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -66,7 +69,8 @@ def read_adapter_meta(folder) -> dict:
 
 
 def load_adapters(model, folder) -> Adapters:
-    """Attach the adapters saved in `folder` to `model`; refuses a base model other than the one trained on."""
+    """Attach the adapters saved in `folder` to `model`;
+    refuses a base model other than the one trained on."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     meta = read_adapter_meta(folder)
@@ -95,7 +99,8 @@ TRAINER_KEYS = {"step", "data_pos", "optimizer", "config", "rng_torch", "rng_pyt
 
 def checkpoints(out: Path):
     """The ckpt-NNNNNN folders of a run, oldest first."""
-    found = [(int(m.group(1)), p) for p in Path(out).glob("ckpt-*") if (m := re.fullmatch(r"ckpt-(\d+)", p.name))]
+    found = [(int(m.group(1)), p) for p in Path(out).glob("ckpt-*")
+             if (m := re.fullmatch(r"ckpt-(\d+)", p.name))]
     return [p for _, p in sorted(found)]
 
 
@@ -118,7 +123,8 @@ def save_checkpoint(out: Path, step, data_pos, adapters, opt, config: dict, meta
 
 
 def read_checkpoint(ckpt: Path, out: Path) -> dict:
-    """trainer.pt of a checkpoint, or a CheckpointError that names an intact earlier one (nothing is deleted)."""
+    """trainer.pt of a checkpoint, or a CheckpointError that names an intact earlier one
+    (nothing is deleted)."""
     for name in ("adapter.safetensors", "adapter.json", "trainer.pt"):
         if not (ckpt / name).is_file():
             raise corrupt(ckpt, out, f"{name} is missing")
@@ -126,7 +132,8 @@ def read_checkpoint(ckpt: Path, out: Path) -> dict:
         state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
         missing = TRAINER_KEYS - set(state)
     except Exception as e:
-        raise corrupt(ckpt, out, f"trainer.pt is truncated or not a checkpoint ({type(e).__name__})") from None
+        raise corrupt(ckpt, out,
+                      f"trainer.pt is truncated or not a checkpoint ({type(e).__name__})") from None
     if missing:
         raise corrupt(ckpt, out, f"trainer.pt lacks {sorted(missing)}")
     return state

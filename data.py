@@ -3,15 +3,19 @@ Data for PTE: the training set, the evaluation benchmarks, the prompts, and the 
 
 The paper trains with GRPO on DAPO-Math-17K using an outcome reward: r(y) = 1 if the final answer of the
 completion is correct, else 0 (rule-based exact matching, no format or length shaping; README choice 14).
-It evaluates on MATH500, OlympiadBench, AMC23, AIME24/25 and (probably) Minerva Math (README choice 15). This file holds:
+It evaluates on MATH500, OlympiadBench, AMC23, AIME24/25 and (probably) Minerva Math (README choice 15).
+This file holds:
 
-  load_train(spec)           DAPO-Math-17k from the hub (deduplicated), or a local JSONL of {"problem", "answer"}
-  load_benchmark(name)       one of BENCHMARKS, from --data-dir / $PTE_DATA_DIR (offline copies) or from the hub
+  load_train(spec)           DAPO-Math-17k from the hub (deduplicated), or a local JSONL of
+                             {"problem", "answer"}
+  load_benchmark(name)       one of BENCHMARKS, from --data-dir / $PTE_DATA_DIR (offline copies)
+                             or from the hub
   build_user_message(p)      the user turn: "boxed" (Qwen2.5-Math style) or "dapo" (the DAPO template)
-  extract_answer(text)       the final answer of a completion: after its last marker (\\boxed{}, "Answer:", "The
-                             final answer is", "####", "the answer is"), else the whole completion if it is only
-                             an answer; strict=True: only the prompt style's own marker
-  is_equiv(pred, gold)       the comparison: normalise -> integers -> numbers -> lists/intervals -> math-verify
+  extract_answer(text)       the final answer of a completion: after its last marker (\\boxed{}, "Answer:",
+                             "The final answer is", "####", "the answer is"), else the whole completion if it
+                             is only an answer; strict=True: only the prompt style's own marker
+  is_equiv(pred, gold)       the comparison: normalise -> integers -> numbers -> lists/intervals ->
+                             math-verify
   is_correct(text, gold)     extract + compare, lenient (evaluation)
   reward(text, gold)         1.0 / 0.0, the GRPO reward: strict by default (training teaches the asked format)
 
@@ -47,8 +51,8 @@ HUB_BENCHMARKS = {
 }
 DAPO_HUB_ID = "BytedTsinghua-SIA/DAPO-Math-17k"
 DAPO_FILE = "data/dapo-math-17k.parquet"
-DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be of the form "
-               "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
+DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be of "
+               "the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
 DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 BOXED_SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 PROMPT_STYLES = ("boxed", "dapo")
@@ -131,7 +135,8 @@ def _read_dapo_parquet(path):
 
 def load_train(spec=DAPO_HUB_ID, data_dir=None):
     """Training problems, deduplicated by problem text: from a local JSONL (a path, or a file name inside
-    data_dir / $PTE_DATA_DIR) of {"problem", "answer"[, "id"]}, or from a hub dataset in DAPO-Math-17k's schema."""
+    data_dir / $PTE_DATA_DIR) of {"problem", "answer"[, "id"]}, or from a hub dataset
+    in DAPO-Math-17k's schema."""
     data_dir, spec = data_dir or os.environ.get("PTE_DATA_DIR"), str(spec)
     path = Path(spec)
     if not path.exists() and data_dir and (Path(data_dir) / spec).exists():
@@ -157,9 +162,11 @@ def _hub_benchmark(name):
         files = sorted(Path(folder).glob(f"{config}/{split}/*.parquet"))
         rows = [row for f in files for row in pq.read_table(f).to_pylist()]
     except Exception as e:
-        raise DataError(f"cannot download {repo}: {_one_line(e)}; pass --data-dir with offline JSONL copies") from None
+        raise DataError(f"cannot download {repo}: {_one_line(e)}; "
+                        "pass --data-dir with offline JSONL copies") from None
     if not files:
-        raise DataError(f"{repo} has no {config}/{split}/*.parquet on its refs/convert/parquet branch; pass --data-dir")
+        raise DataError(f"{repo} has no {config}/{split}/*.parquet on its refs/convert/parquet branch; "
+                        "pass --data-dir")
     out = []
     for n, row in enumerate(rows, 1):
         answer = row.get("final_answer", row.get("answer"))
@@ -191,7 +198,8 @@ def load_benchmark(name, data_dir=None, limit=None):
 
 
 def build_user_message(problem, style="boxed"):
-    """The user turn for a problem. "boxed": Qwen2.5-Math's CoT instruction; "dapo": DAPO-Math-17k's template."""
+    """The user turn for a problem. "boxed": Qwen2.5-Math's CoT instruction;
+    "dapo": DAPO-Math-17k's template."""
     if style not in PROMPT_STYLES:
         raise DataError(f"unknown prompt style {style!r}; valid styles: {', '.join(PROMPT_STYLES)}")
     return problem + BOXED_SUFFIX if style == "boxed" else DAPO_PREFIX + problem + DAPO_SUFFIX
@@ -211,20 +219,22 @@ def encode_prompt(tok, problem, style="boxed"):
 #   \boxed{X}, \fbox{X}           Qwen2.5-Math's CoT prompt (style "boxed"), MATH solutions
 #   a line "Answer: X"            DAPO's prompt (style "dapo"); also "**Answer:** X", "Final Answer: X"
 #   "The final answer is $X$",    Minerva's format ("Final Answer: The final answer is $X$. I hope it is ...")
-#   "the answer is X"             and plain English; only at the start of a sentence or after so/thus/hence/...,
-#                                 and only if X looks like an answer (a $..$ or **..** span, or text that starts
-#                                 like math), so that "\boxed{5}. So the answer is correct." stays 5
+#   "the answer is X"             and plain English; only at the start of a sentence or after
+#                                 so/thus/hence/..., and only if X looks like an answer (a $..$ or **..**
+#                                 span, or text that starts like math), so that
+#                                 "\boxed{5}. So the answer is correct." stays 5
 #   "#### X"                      GSM8K's format; X must start like a number ("#### Step 2" is a heading)
 # A marker inside the last box is part of the box. With no marker at all, the answer is the completion itself
-# when it is nothing but an answer ("7/2", "$x = 3$", "**Paris**"), else its last line when that is a bold span
-# ("**12**"); prose and worked equations ("12 + 30 = 42") are no answer.
-# strict=True keeps only the prompt style's own marker ("boxed": boxes, "dapo": Answer lines, None: either) and
-# has no fallback: the training reward (see reward()).
+# when it is nothing but an answer ("7/2", "$x = 3$", "**Paris**"), else its last line when that is a bold
+# span ("**12**"); prose and worked equations ("12 + 30 = 42") are no answer.
+# strict=True keeps only the prompt style's own marker ("boxed": boxes, "dapo": Answer lines, None: either)
+# and has no fallback: the training reward (see reward()).
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ANSWER_LINE = re.compile(r"(?im)^[ \t*#>_]*(?:final )?answer[*_]*[ \t]*:[ \t*_]*(.*?)[ \t]*$")
 _PHRASE = re.compile(r"(?im)(?:^|(?<=[.!?:;])[ \t]+|\b(?:so|thus|hence|therefore|then)\b,?[ \t]+)[ \t>#]*"
-                     r"(\*\*)?the[ \t]+(?:final[ \t]+|correct[ \t]+)?answer[ \t]+is\b[ \t:]*(?(1)(?:\*\*[ \t:]*)?)")
+                     r"(\*\*)?the[ \t]+(?:final[ \t]+|correct[ \t]+)?answer[ \t]+is\b"
+                     r"[ \t:]*(?(1)(?:\*\*[ \t:]*)?)")
 # "#### 18", "#### **18**", but not a markdown heading "#### Step 2", "#### 1. Setup"
 _HASHES = re.compile(r"####[ \t]*(?=\**[-+\d.$\\(\[\u2212])(?!\**\d+[.)][ \t]+[A-Za-z])([^\n]*)")
 # a delimited answer: $$..$$, $..$ (escaped \$ inside), \(..\), \[..\], **..**; several $..$ ("$69$, $84$")
@@ -266,8 +276,8 @@ def _box(text, m):
 
 
 def _tidy(s):
-    """ "**$34$**." -> "34": markdown bold, $ or \\( \\) around the answer, a final period; a box inside -> its
-    argument ("Answer: $\\boxed{34}$" under strict "dapo")."""
+    """ "**$34$**." -> "34": markdown bold, $ or \\( \\) around the answer, a final period; a box inside ->
+    its argument ("Answer: $\\boxed{34}$" under strict "dapo")."""
     s = s.strip(" \t*$").rstrip(".").strip(" \t*$")
     m = re.fullmatch(r"\\\((.*)\\\)|\\\[(.*)\\\]", s, re.S)
     s = next((g for g in m.groups() if g is not None), "").strip() if m else s
@@ -315,7 +325,8 @@ def _phrase_answer(text, m):
 
 
 def _last_marker(text, kinds):
-    """(start, answer) of the last final-answer marker of the given kinds in text, or None if there is none."""
+    """(start, answer) of the last final-answer marker of the given kinds in text,
+    or None if there is none."""
     found, box_span = [], (0, 0)
     boxes = list(_BOX.finditer(text)) if "box" in kinds else []
     if boxes:
@@ -373,7 +384,8 @@ def extract_answer(completion, truncated=False, strict=False, style=None):
 
 
 def _unsep(s):
-    """ "1,450" -> "1450": thousands separators, only in a lone number (elsewhere a comma separates a list)."""
+    """ "1,450" -> "1450": thousands separators, only in a lone number
+    (elsewhere a comma separates a list)."""
     return s.replace(",", "") if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", s) else s
 
 
@@ -382,9 +394,11 @@ def _normalize(s):
     s = str(s).strip().replace("\\textdollar", "").replace("\\$", "").replace("$", "")
     s = s.replace("\u2212", "-")  # a unicode minus
     for _ in range(2):  # \text{...} and friends -> their text (twice for one level of nesting)
-        s = re.sub(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}", r"\1", s)
+        s = re.sub(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)"
+                   r"\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\s+(?:or|and)\s+", ",", s)  # "x=1 \text{ or } x=-2" is the list "x=1,x=-2"
-    s = re.sub(r"\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\displaystyle|\\q?quad(?![A-Za-z])|(?<!\\)\\[!,;: ]", "", s)
+    s = re.sub(r"\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\displaystyle|\\q?quad(?![A-Za-z])"
+               r"|(?<!\\)\\[!,;: ]", "", s)
     s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s).replace("~", " ")
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z])", "", s)  # degrees: 90^\circ == 90
     s = s.replace("\\%", "").replace("%", "").replace("{,}", ",")  # percent signs; 1{,}000
@@ -486,7 +500,8 @@ def _brackets(s):
 
 
 def _expand_pm(parts):  # "1\pm\sqrt{19}" is the two-element list 1+\sqrt{19}, 1-\sqrt{19}
-    pm = lambda p: [p.replace("\\pm", "+", 1), p.replace("\\pm", "-", 1)] if p.count("\\pm") == 1 else [p]  # noqa: E731
+    pm = lambda p: ([p.replace("\\pm", "+", 1), p.replace("\\pm", "-", 1)]  # noqa: E731
+                    if p.count("\\pm") == 1 else [p])
     return [q for p in parts for q in pm(p)]
 
 
@@ -532,7 +547,8 @@ def _interval(s):
         lo, lo_op, hi, hi_op = ("-\\infty", "<", t[2], t[1]) if less[0] else (t[2], t[1], "\\infty", "<")
     elif len(t) == 3 and re.fullmatch(_VAR, t[2]) and const[0]:  # a < x, a > x
         lo, lo_op, hi, hi_op = (t[0], t[1], "\\infty", "<") if less[0] else ("-\\infty", "<", t[0], t[1])
-    elif len(t) == 5 and re.fullmatch(_VAR, t[2]) and const[0] and const[2] and less[0] == less[1]:  # a < x < b
+    elif (len(t) == 5 and re.fullmatch(_VAR, t[2]) and const[0] and const[2]
+          and less[0] == less[1]):  # a < x < b
         lo, lo_op, hi, hi_op = (t[0], t[1], t[4], t[3]) if less[0] else (t[4], t[3], t[0], t[1])
     else:
         return None
@@ -558,11 +574,13 @@ def _mv_check(g, p):
     import math_verify
     import sympy
     try:
-        G, P = math_verify.parse(f"${g}$", parsing_timeout=None), math_verify.parse(f"${p}$", parsing_timeout=None)
+        G, P = (math_verify.parse(f"${g}$", parsing_timeout=None),
+                math_verify.parse(f"${p}$", parsing_timeout=None))
         if not G or not P or not math_verify.verify(G, P, timeout_seconds=None):
             return False
         a, b = G[0], P[0]
-        # math-verify rounds numbers to 6 decimals, so it finds 1/2^98 == 1/2^99: re-check them at relative 1e-6
+        # math-verify rounds numbers to 6 decimals, so it finds 1/2^98 == 1/2^99:
+        # re-check them at relative 1e-6
         if isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and a.is_number and b.is_number:
             return bool(abs((a - b).evalf(30)) <= 1e-6 * max(abs(a.evalf(30)), abs(b.evalf(30))))
         return True
@@ -573,7 +591,8 @@ def _mv_check(g, p):
 def _math_verify(g, p):
     """math-verify's symbolic check under a hard time limit of our own. math-verify's own timeouts use
     SIGALRM, which works only in the main thread, so we switch them off and bound the whole check ourselves:
-    with a timer signal in the main thread, else by abandoning a daemon thread. Errors and timeouts -> False."""
+    with a timer signal in the main thread, else by abandoning a daemon thread.
+    Errors and timeouts -> False."""
     import math_verify.grader
     import math_verify.parser
     math_verify.parser.TIMEOUT_WARNING_SHOWN = math_verify.grader.TIMEOUT_WARNING_SHOWN = True  # we time it

@@ -6,13 +6,14 @@ the model must state the running sums while working, think for NF steps (a fixed
 than the window), then answer with the last running sum:
 
     prompt      <bos> 3 7 1 [instruction] =>
-    completion  3 0 1  w0 w1 ... w23  ?  1  <eos>          (answer = (3+7+1) mod 10; reward 1 iff exactly this shape)
+    completion  3 0 1  w0 w1 ... w23  ?  1  <eos>   (answer = (3+7+1) mod 10; reward 1 iff exactly this shape)
 
-With a sliding window of W = 8 thought tokens, the running sums are evicted long before the answer; recomputing
-the sum of K digits from the (pinned) prompt in one step is what the tiny model cannot do. So:
-  1. a tiny Qwen2-shaped model is taught the task with a full cache (like a real LRM, it solves it when it sees
-     everything), saved as a Hugging Face folder, and loaded back through model.load_model;
-  2. it is evaluated with the full cache and under the window: the window gap appears (the paper's motivation);
+With a sliding window of W = 8 thought tokens, the running sums are evicted long before the answer;
+recomputing the sum of K digits from the (pinned) prompt in one step is what the tiny model cannot do. So:
+  1. a tiny Qwen2-shaped model is taught the task with a full cache (like a real LRM, it solves it when it
+     sees everything), saved as a Hugging Face folder, and loaded back through model.load_model;
+  2. it is evaluated with the full cache and under the window: the window gap appears
+     (the paper's motivation);
   3. grpo.train, the real GRPO loop, trains lora (full cache), lora_c and pte (window W) with equal budgets;
   4. a Table-1-shaped table (method, peak memory of one replay step, KV-cache bytes, accuracy) is printed and
      written to demo.json, with demo.png (accuracy and memory bars, reward curves).
@@ -62,10 +63,11 @@ def make_reward(K, NF):
     fill = [FILL_WORDS[i % 20] for i in range(NF)]
 
     def reward(text, gold, truncated=False):
-        """1.0 iff: K digits, the exact filler pattern (no side channel for the answer), '?', the right answer."""
+        """1.0 iff: K digits, the exact filler pattern (no side channel for the answer),
+        '?', the right answer."""
         w = text.split()
-        ok = (not truncated and len(w) == K + NF + 2 and all(t in DIGITS for t in w[:K]) and w[K:K + NF] == fill
-              and w[-2] == "?" and w[-1] == gold)
+        ok = (not truncated and len(w) == K + NF + 2 and all(t in DIGITS for t in w[:K])
+              and w[K:K + NF] == fill and w[-2] == "?" and w[-1] == gold)
         return float(ok)
     return reward
 
@@ -84,7 +86,8 @@ def build_tokenizer(folder: Path):
 
 
 def build_base(folder: Path, K, NF, steps, seed, log):
-    """A tiny Qwen2-shaped model taught the task with a full cache (teacher forcing), saved as an HF folder."""
+    """A tiny Qwen2-shaped model taught the task with a full cache (teacher forcing),
+    saved as an HF folder."""
     from safetensors.torch import save_file
     folder.mkdir(parents=True, exist_ok=True)
     V = build_tokenizer(folder)
@@ -106,7 +109,8 @@ def build_base(folder: Path, K, NF, steps, seed, log):
         lt = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), reduction="none").view(y.shape)
         # the answer is taught with label smoothing: like a real LRM, the model is then unsure rather than
         # confidently wrong when its context is degraded, so GRPO sees some successes to learn from
-        loss = torch.cat([lt[:, :-2], lt[:, -1:]], 1).mean() + F.cross_entropy(logits[:, -2], y[:, -2], label_smoothing=0.3)
+        loss = (torch.cat([lt[:, :-2], lt[:, -1:]], 1).mean()
+                + F.cross_entropy(logits[:, -2], y[:, -2], label_smoothing=0.3))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -130,7 +134,8 @@ def accuracy(model, tok, adapters, problems, window, K, NF):
 
 
 def replay_step_memory(model, tok, adapters, problems, window, K, NF):
-    """Peak tensor memory of one replay + backward (the training step's cost) on 16 teacher-forced completions."""
+    """Peak tensor memory of one replay + backward (the training step's cost)
+    on 16 teacher-forced completions."""
     P = [data.encode_prompt(tok, p["problem"], "boxed") for p in problems]
     Y = torch.tensor([tok.encode(" ".join(completion_words(p["problem"], NF))) + [3] for p in problems])
     _, peak = peak_tensor_memory(lambda: replay(model, adapters, P, Y, window, 1.0,
@@ -143,11 +148,13 @@ def replay_step_memory(model, tok, adapters, problems, window, K, NF):
 # main
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="The paper in miniature: base, lora, lora_c and pte on a toy task.")
+    ap = argparse.ArgumentParser(description="The paper in miniature: "
+                                 "base, lora, lora_c and pte on a toy task.")
     ap.add_argument("--out", default="runs/demo", help="output folder (demo.json, demo.png, runs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--digits", type=int, default=3, help="K: prompt digits whose running sums are written")
-    ap.add_argument("--filler", type=int, default=16, help="NF: thinking steps between the sums and the answer")
+    ap.add_argument("--filler", type=int, default=16, help="NF: thinking steps "
+                    "between the sums and the answer")
     ap.add_argument("--window", type=int, default=8, help="W: thought window of lora_c and pte")
     ap.add_argument("--base-steps", type=int, default=600, help="teacher-forcing steps for the base model")
     ap.add_argument("--steps", type=int, default=200, help="GRPO steps per method (equal budgets)")
@@ -173,7 +180,8 @@ def main(argv=None):
     rows = []
     for name, window in (("base (full cache)", None), (f"base (window {W})", W)):
         acc, kv = accuracy(model, tok, None, test, window, K, NF)
-        rows.append({"method": name, "window": window, "accuracy": acc, "kv_cache_bytes": kv, "peak_memory_bytes": None})
+        rows.append({"method": name, "window": window, "accuracy": acc, "kv_cache_bytes": kv,
+                     "peak_memory_bytes": None})
         log(f"2. {name}: accuracy {acc:.3f}")
 
     train = out / "train.jsonl"
@@ -189,8 +197,8 @@ def main(argv=None):
                               window=W, max_new_tokens=K + NF + 3, group_size=args.group_size,
                               prompts_per_step=args.prompts_per_step,
                               micro_batch=args.prompts_per_step * args.group_size,
-                              steps=args.steps, lr=args.lr, rank=8, global_tokens=8, seed=args.seed, out=str(run),
-                              save_every=args.steps, keep=1, log_samples=0, device="cpu")
+                              steps=args.steps, lr=args.lr, rank=8, global_tokens=8, seed=args.seed,
+                              out=str(run), save_every=args.steps, keep=1, log_samples=0, device="cpu")
         grpo.train(cfg, reward_fn=make_reward(K, NF), quiet=not args.verbose)
         curves[method] = [json.loads(l)["reward"] for l in (run / "log.jsonl").read_text().splitlines()]
         model, tok = load_model(str(base_dir), device="cpu")
@@ -205,7 +213,8 @@ def main(argv=None):
 
     acc = {r["method"]: r["accuracy"] for r in rows}
     gap = acc.get("lora", float("nan")) - acc.get("lora_c", float("nan"))
-    recovered = (acc.get("pte", float("nan")) - acc.get("lora_c", float("nan"))) / gap if gap > 0 else float("nan")
+    recovered = ((acc.get("pte", float("nan")) - acc.get("lora_c", float("nan"))) / gap if gap > 0
+                 else float("nan"))
     print(f"\nThe paper in miniature: K={K} digits, {NF} thinking steps, window W={W} "
           f"(evict {-(-W // 4)} per event), {args.steps} GRPO steps per method\n")
     print(f"{'method':<22}{'peak mem (replay)':>19}{'KV cache':>11}{'accuracy':>10}")
@@ -214,8 +223,8 @@ def main(argv=None):
         print(f"{r['method']:<22}{mem:>19}{r['kv_cache_bytes'] / 1024:>8.1f} KiB{r['accuracy']:>10.3f}")
     print(f"\npte recovers {recovered:.0%} of the gap between lora_c and full-cache lora "
           f"({time.time() - t_start:.0f} s)")
-    result = {"rows": rows, "reward_curves": curves, "recovered_gap": recovered, "seconds": time.time() - t_start,
-              "settings": vars(args)}
+    result = {"rows": rows, "reward_curves": curves, "recovered_gap": recovered,
+              "seconds": time.time() - t_start, "settings": vars(args)}
     (out / "demo.json").write_text(json.dumps(result, indent=2))
     plot(rows, curves, out / "demo.png")
     print(f"wrote {out / 'demo.json'} and {out / 'demo.png'}")
@@ -228,7 +237,8 @@ def plot(rows, curves, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
     names = [r["method"] for r in rows]
-    ax[0].bar(names, [r["accuracy"] for r in rows], color=["#999", "#bbb", "#4c72b0", "#dd8452", "#55a868"][:len(rows)])
+    ax[0].bar(names, [r["accuracy"] for r in rows],
+              color=["#999", "#bbb", "#4c72b0", "#dd8452", "#55a868"][:len(rows)])
     ax[0].set_title("greedy accuracy")
     ax[0].tick_params(axis="x", rotation=30)
     trained = [r for r in rows if r["peak_memory_bytes"] is not None]

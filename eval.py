@@ -3,37 +3,41 @@ eval.py: accuracy and efficiency of a base model or of trained adapters (lora, l
 benchmarks, under the full KV cache or the paper's sliding-window cache policy D, in the layout of Table 1 and
 Figure 3 (the protocol is README choice 15).
 
-    python eval.py --window 768                                                   # the newest runs/ checkpoint
-    python eval.py --model Qwen/Qwen2.5-3B-Instruct                               # base model, full cache, 6 benchmarks
-    python eval.py --model Qwen/Qwen2.5-3B-Instruct --adapter runs/pte --window 1024
-    python eval.py --model M --adapter runs/pte --window 768,1024,2048,3072,full  # sweep + accuracy_vs_window.png
-    python eval.py --model M --benchmarks gsm8k --limit 30 --samples 1 --temperature 0 --data-dir ../shared/data
+  python eval.py --window 768                                           # the newest runs/ checkpoint
+  python eval.py --model Qwen/Qwen2.5-3B-Instruct                       # base model, full cache, 6 benchmarks
+  python eval.py --model Qwen/Qwen2.5-3B-Instruct --adapter runs/pte --window 1024
+  python eval.py --model M --adapter runs/pte --window 768,1024,2048,3072,full
+                                                                        # sweep + accuracy_vs_window.png
+  python eval.py --model M --benchmarks gsm8k --limit 30 --samples 1 --temperature 0 --data-dir ../shared/data
 
 Protocol (the paper's own eval settings were mostly not recovered; these are README choice 15):
   benchmarks  math500, olympiadbench, amc23, aime24, aime25, minerva. The sixth, minerva, is INFERRED.
   samples     aime24/25: 16, reported as pass@16; amc23, olympiadbench: 16, reported as avg@16; the others
               (math500, minerva, gsm8k): 1. --samples K sets K everywhere (AIME then reports pass@K).
-  sampling    by model family (name or chat template): Qwen-Instruct T 0.7, top-p 0.8; R1-Distill T 0.6, top-p 0.95;
-              --temperature / --top-p override; T 0 = greedy. The choice is recorded in results.json.
-  length      3072 new tokens. --window default: full for the base model and lora; for lora_c and pte the window
-              in the adapter's adapter.json ("window"), else 1024 (the paper's 1K eval cache).
+  sampling    by model family (name or chat template): Qwen-Instruct T 0.7, top-p 0.8; R1-Distill T 0.6,
+              top-p 0.95; --temperature / --top-p override; T 0 = greedy.
+              The choice is recorded in results.json.
+  length      3072 new tokens. --window default: full for the base model and lora; for lora_c and pte the
+              window in the adapter's adapter.json ("window"), else 1024 (the paper's 1K eval cache).
   prompt      the model's chat template around data.build_user_message(problem, style); style: --prompt-style,
               else the adapter's "prompt_style", else "dapo" (README choice 14).
   metrics     avg@K: the mean over problems of the fraction of the K samples that are correct (the pass@1
-              estimate), with its standard error over problems; pass@k = mean of 1 - C(n-c,k)/C(n,k) per problem;
-              Avg = the mean of the per-benchmark headline numbers (as the paper's Avg column). Efficiency: mean
-              completion length, eviction events per completion, share of completions that evicted at all,
-              truncation rate (no stop token) and no-answer rate (nothing extractable, truncated included).
+              estimate), with its standard error over problems; pass@k = mean of 1 - C(n-c,k)/C(n,k) per
+              problem; Avg = the mean of the per-benchmark headline numbers (as the paper's Avg column).
+              Efficiency: mean completion length, eviction events per completion, share of completions that
+              evicted at all, truncation rate (no stop token) and no-answer rate (nothing extractable,
+              truncated included).
 
 Outputs in --out (default runs/eval/<model-basename>, or runs/eval/<model-basename>-<adapter-basename>):
-  samples.jsonl  one line per benchmark x problem x sample x window, appended and flushed batch by batch. A rerun
-                 generates only what is missing: key = (benchmark, id, sample, window, settings hash); the hash
-                 covers model, adapter file, dtype, chat template, prompt style, T, top-p, max tokens and seed
-                 (not the batch size, the device, --limit or --samples: a larger rerun reuses what exists).
-  results.json   config + metrics, computed from samples.jsonl only, so a resumed run writes the same file, except
-                 "timing": tokens/s, peak memory (CUDA: max_memory_allocated; CPU: peak RSS of the process, model
-                 included) and KV-cache bytes depend on the machine and on how samples were batched, and the wall
-                 clock of this run. Compare results without "timing".
+  samples.jsonl  one line per benchmark x problem x sample x window, appended and flushed batch by batch.
+                 A rerun generates only what is missing: key = (benchmark, id, sample, window, settings hash);
+                 the hash covers model, adapter file, dtype, chat template, prompt style, T, top-p, max tokens
+                 and seed (not the batch size, the device, --limit or --samples: a larger rerun reuses what
+                 exists).
+  results.json   config + metrics, computed from samples.jsonl only, so a resumed run writes the same file,
+                 except "timing": tokens/s, peak memory (CUDA: max_memory_allocated; CPU: peak RSS of the
+                 process, model included) and KV-cache bytes depend on the machine and on how samples were
+                 batched, and the wall clock of this run. Compare results without "timing".
   accuracy_vs_window.png   with a --window list (the shape of Figure 3).
 Randomness: every batch gets its own torch.Generator seeded from (seed, the keys of its samples); prompts are
 sorted by length (longest first) and batched across problems, samples and benchmarks.
@@ -95,8 +99,9 @@ def window_label(w):
 
 
 def summarize(records, benchmarks, windows):
-    """Sample lines -> (metrics, timing). metrics[window][benchmark] holds accuracy and efficiency; every value is
-    a function of the lines alone. timing[window] holds the measured tokens/s, peak memory and KV-cache bytes."""
+    """Sample lines -> (metrics, timing). metrics[window][benchmark] holds accuracy and efficiency; every
+    value is a function of the lines alone. timing[window] holds the measured tokens/s, peak memory and
+    KV-cache bytes."""
     metrics, timing = {}, {}
     for w in map(window_label, windows):
         rows = [r for r in records if str(r["window"]) == w]
@@ -114,7 +119,8 @@ def summarize(records, benchmarks, windows):
             head = f"pass@{K}" if b in PASS_HEADLINE and str(K) in pk else f"avg@{K}"
             bs = [r for rs in probs.values() for r in rs]
             per_b[b] = {"problems": len(correct), "samples": K, "avg": avg, "stderr": se, "pass@k": pk,
-                        "headline": head, "score": pk[str(K)] if head.startswith("pass") else avg, **efficiency(bs)}
+                        "headline": head, "score": pk[str(K)] if head.startswith("pass") else avg,
+                        **efficiency(bs)}
         metrics[w] = {"benchmarks": per_b, "avg": sum(m["score"] for m in per_b.values()) / len(per_b),
                       **efficiency(rows)}
         secs = sum(r["gen_seconds"] for r in rows)
@@ -138,8 +144,8 @@ def efficiency(rows):
 # generation
 
 def evaluate_window(model, tok, adapters, items, window, settings, out_file, batch_size):
-    """Generate the pending `items` (dicts: key, benchmark, id, sample, ids, gold) at one window, batch by batch,
-    appending each batch's sample lines to out_file as soon as it is done. Returns the new lines."""
+    """Generate the pending `items` (dicts: key, benchmark, id, sample, ids, gold) at one window, batch by
+    batch, appending each batch's sample lines to out_file as soon as it is done. Returns the new lines."""
     from tqdm import tqdm
     device = next(model.parameters()).device
     items = sorted(items, key=lambda it: (-len(it["ids"]), it["key"]))
@@ -147,7 +153,8 @@ def evaluate_window(model, tok, adapters, items, window, settings, out_file, bat
     new = []
     bar = tqdm(batches, desc=f"window {window_label(window)}", unit="batch", file=sys.stderr)
     for batch in bar:
-        digest = hashlib.sha256("|".join([str(settings["seed"])] + [it["key"] for it in batch]).encode()).digest()
+        digest = hashlib.sha256("|".join([str(settings["seed"])]
+                                         + [it["key"] for it in batch]).encode()).digest()
         gen = torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "big") >> 1)
         reset_peak_memory(device)
         t0 = time.perf_counter()
@@ -165,8 +172,9 @@ def evaluate_window(model, tok, adapters, items, window, settings, out_file, bat
                           "window": "full" if window is None else window, "settings": settings["hash"],
                           "completion": text, "answer": extract_answer(text, trunc), "gold": it["gold"],
                           "correct": is_correct(text, it["gold"], trunc), "tokens": n,
-                          "evictions": int(out.evictions[i]), "truncated": trunc, "gen_seconds": dt / len(batch),
-                          "batch_size": len(batch), "kv_bytes": out.kv_bytes, "peak_memory": peak})
+                          "evictions": int(out.evictions[i]), "truncated": trunc,
+                          "gen_seconds": dt / len(batch), "batch_size": len(batch), "kv_bytes": out.kv_bytes,
+                          "peak_memory": peak})
         with open(out_file, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(ln, ensure_ascii=False) + "\n" for ln in lines))
             f.flush()
@@ -176,7 +184,8 @@ def evaluate_window(model, tok, adapters, items, window, settings, out_file, bat
 
 
 def read_samples(path):
-    """Existing sample lines by key; a torn last line (an interrupted write) is skipped and newline-terminated."""
+    """Existing sample lines by key; a torn last line (an interrupted write) is skipped
+    and newline-terminated."""
     done = {}
     if not path.exists():
         return done
@@ -209,7 +218,8 @@ def print_table(results):
     eff = ["peak MiB", "KV MiB/seq", "tok/s", "len", "evict/c", "trunc%", "noans%"]
     widths = [max(12, len(h) + 1) for h in heads]
     print(f"\nmethod {cfg['method']} | model {cfg['model']} | T {cfg['temperature']} top-p {cfg['top_p']} "
-          f"({cfg['sampling_source']}) | max {cfg['max_new_tokens']} new tokens | prompt {cfg['prompt_style']}")
+          f"({cfg['sampling_source']}) | max {cfg['max_new_tokens']} new tokens | "
+          f"prompt {cfg['prompt_style']}")
     print(f"{'row':<16}" + "".join(f"{h:>{w}}" for h, w in zip(heads, widths)) + f"{'Avg':>7}" +
           "".join(f"{h:>11}" for h in eff))
     for w, m in met.items():
@@ -244,7 +254,8 @@ def plot_sweep(results, path):
     ax.set_xticks(x, labels)
     ax.set_xlabel("thought window W (tokens kept besides the prompt)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{results['config']['method']}: accuracy vs cache window ({Path(results['config']['model']).name})")
+    ax.set_title(f"{results['config']['method']}: accuracy vs cache window "
+                 f"({Path(results['config']['model']).name})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -288,18 +299,21 @@ def check_args(a):
     if a.dtype is not None and a.dtype not in DTYPES:
         raise EvalError(f"unknown --dtype {a.dtype!r}; valid: {', '.join(sorted(DTYPES))}")
     if a.prompt_style is not None and a.prompt_style not in PROMPT_STYLES:
-        raise EvalError(f"unknown --prompt-style {a.prompt_style!r}; valid styles: {', '.join(PROMPT_STYLES)}")
+        raise EvalError(f"unknown --prompt-style {a.prompt_style!r}; "
+                        f"valid styles: {', '.join(PROMPT_STYLES)}")
 
 
 def newest_checkpoint(runs="runs"):
-    """The most recently written ckpt-NNNNNN/ under `runs` (grpo.py writes runs/grpo/ckpt-NNNNNN by default)."""
+    """The most recently written ckpt-NNNNNN/ under `runs`
+    (grpo.py writes runs/grpo/ckpt-NNNNNN by default)."""
     found = [p.parent for p in Path(runs).glob("**/ckpt-*/adapter.json") if not p.parent.name.startswith(".")]
     return max(found, key=lambda p: (p / "adapter.json").stat().st_mtime) if found else None
 
 
 def choose_model(a):
-    """Fill a.model / a.adapter when not given, so that `python grpo.py` then `python eval.py --window 768` works:
-    the adapter's own base model; with neither, the newest checkpoint under runs/, else the default base model."""
+    """Fill a.model / a.adapter when not given, so that `python grpo.py` then `python eval.py --window 768`
+    works: the adapter's own base model; with neither, the newest checkpoint under runs/, else the default
+    base model."""
     if a.model is None and a.adapter is None:
         a.adapter = newest_checkpoint(a.runs)
         a.adapter = str(a.adapter) if a.adapter else None
@@ -308,15 +322,17 @@ def choose_model(a):
         how = "command line"
     if a.model is None:
         a.model = (read_adapter_meta(a.adapter).get("base_model") if a.adapter else None) or DEFAULT_MODEL
-    print(f"evaluating {a.model}" + (f" with adapters {a.adapter}" if a.adapter else " (base model)") + f" ({how})")
+    print(f"evaluating {a.model}" + (f" with adapters {a.adapter}" if a.adapter else " (base model)") +
+          f" ({how})")
 
 
 def print_plan(model, tok, adapters, items, windows, settings, batch_size):  # items: pending, all windows
-    """What will run, and an estimate of how long from a short warm-up (one batch, 8 tokens): an upper bound on
-    the work (every completion at --max-new-tokens), a lower bound on the speed (the warm-up's context is short)."""
+    """What will run, and an estimate of how long from a short warm-up (one batch, 8 tokens): an upper bound
+    on the work (every completion at --max-new-tokens), a lower bound on the speed
+    (the warm-up's context is short)."""
     n, T = len(items), settings["max_new_tokens"]
-    bench = ", ".join(f"{b} {sum(it['benchmark'] == b for it in items)}" for b in dict.fromkeys(it["benchmark"]
-                                                                                         for it in items))
+    bench = ", ".join(f"{b} {sum(it['benchmark'] == b for it in items)}"
+                      for b in dict.fromkeys(it["benchmark"] for it in items))
     line = f"plan: {n:,} completions to generate ({bench or 'all cached'}; {len(windows)} window(s)), " \
            f"at most {n * T:,} new tokens"
     if items:
@@ -328,12 +344,14 @@ def print_plan(model, tok, adapters, items, windows, settings, batch_size):  # i
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         tok_s = 8 * len(batch) / (time.perf_counter() - t0)
-        line += f"; warm-up {tok_s:,.0f} tok/s at batch {len(batch)} -> at most ~{n * T / tok_s / 3600:,.1f} h"
+        line += f"; warm-up {tok_s:,.0f} tok/s at batch {len(batch)} " \
+                f"-> at most ~{n * T / tok_s / 3600:,.1f} h"
     print(line)
 
 
 def resolve_settings(a, model, tok, meta):
-    """Everything that determines a sample (hashed into its key), plus the windows and how sampling was chosen."""
+    """Everything that determines a sample (hashed into its key), plus the windows
+    and how sampling was chosen."""
     method = meta["config"]["method"] if meta else "base"
     windows = parse_windows(a.window) if a.window is not None else None
     if windows is None:  # lora_c / pte: the window they were trained with (README choice 15)
@@ -344,13 +362,15 @@ def resolve_settings(a, model, tok, meta):
     source = f"{family} default" if a.temperature is None and a.top_p is None else "command line"
     T = T if a.temperature is None else a.temperature
     P = P if a.top_p is None else a.top_p
-    style = a.prompt_style or (meta or {}).get("prompt_style") or "dapo"  # README choice 14: the training template
+    # README choice 14: the training template
+    style = a.prompt_style or (meta or {}).get("prompt_style") or "dapo"
     if style not in PROMPT_STYLES:
         raise EvalError(f"adapter.json prompt_style {style!r} is not one of {', '.join(PROMPT_STYLES)}")
     sha = lambda b: hashlib.sha256(b).hexdigest()[:16]
     model_id = str(Path(a.model).resolve()) if Path(a.model).is_dir() else a.model  # ./m and /abs/m: one key
     settings = {"model": model_id, "model_fingerprint": fingerprint(model.cfg),
-                "adapter_sha256": sha((Path(a.adapter) / "adapter.safetensors").read_bytes()) if a.adapter else None,
+                "adapter_sha256": sha((Path(a.adapter) / "adapter.safetensors").read_bytes())
+                                  if a.adapter else None,
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                 "chat_template_sha256": sha((tok.chat_template or "").encode()), "prompt_style": style,
                 "temperature": T, "top_p": P, "max_new_tokens": a.max_new_tokens, "seed": a.seed}
@@ -368,7 +388,8 @@ def build_items(a, tok, data, style):
                 ids = encode_prompt(tok, p["problem"], style)
             except ValueError as e:
                 raise EvalError(f"cannot build the prompt: {e}") from None
-            items += [{"benchmark": b, "id": p["id"], "sample": s, "ids": ids, "gold": p["answer"]} for s in range(K)]
+            items += [{"benchmark": b, "id": p["id"], "sample": s, "ids": ids, "gold": p["answer"]}
+                      for s in range(K)]
     return items
 
 
@@ -380,15 +401,18 @@ def write_results(a, out, records, data, windows, settings, info, meta, items, t
         notes.append("greedy decoding (T 0): the samples of a problem are identical, pass@k = avg")
     results = {
         "config": {"model": a.model, "model_fingerprint": settings["model_fingerprint"], "adapter": a.adapter,
-                   "adapter_sha256": settings["adapter_sha256"], "adapter_meta": meta, "method": info["method"],
-                   "family": info["family"], "temperature": settings["temperature"], "top_p": settings["top_p"],
-                   "sampling_source": info["sampling_source"], "greedy": settings["temperature"] == 0,
+                   "adapter_sha256": settings["adapter_sha256"], "adapter_meta": meta,
+                   "method": info["method"], "family": info["family"], "temperature": settings["temperature"],
+                   "top_p": settings["top_p"], "sampling_source": info["sampling_source"],
+                   "greedy": settings["temperature"] == 0,
                    "max_new_tokens": a.max_new_tokens, "windows": [window_label(w) for w in windows],
-                   "benchmarks": list(data), "samples": {b: a.samples or DEFAULT_SAMPLES.get(b, 1) for b in data},
+                   "benchmarks": list(data),
+                   "samples": {b: a.samples or DEFAULT_SAMPLES.get(b, 1) for b in data},
                    "limit": a.limit, "prompt_style": settings["prompt_style"],
                    "chat_template_sha256": settings["chat_template_sha256"], "dtype": settings["dtype"],
                    "seed": a.seed, "settings_hash": settings["hash"], "batch_size": a.batch_size,
-                   "eviction": "prompt pinned; oldest ceil(W/4) thought tokens evicted when W are held (cache.py)"},
+                   "eviction": "prompt pinned; oldest ceil(W/4) thought tokens evicted when W are held "
+                               "(cache.py)"},
         "notes": notes,
         "metrics": metrics,
         "timing": {"per_window": timing, **timing_extra},
@@ -410,12 +434,14 @@ def run(a):
     if a.window is not None:
         parse_windows(a.window)  # a bad --window fails before anything is loaded
     names = [b.strip() for b in a.benchmarks.split(",") if b.strip()]
-    data = {b: load_benchmark(b, a.data_dir, a.limit) for b in dict.fromkeys(names)}  # DataError: bad name/file
+    # DataError: bad name/file
+    data = {b: load_benchmark(b, a.data_dir, a.limit) for b in dict.fromkeys(names)}
     meta = read_adapter_meta(a.adapter) if a.adapter else None
     model, tok = load_model(a.model, a.dtype, a.device)
     adapters = load_adapters(model, a.adapter) if a.adapter else None  # AdapterError: another base model
     settings, windows, info = resolve_settings(a, model, tok, meta)
-    default_out = Path("runs/eval") / (Path(a.model).name + (f"-{Path(a.adapter).resolve().name}" if a.adapter else ""))
+    default_out = Path("runs/eval") / (Path(a.model).name +
+                                       (f"-{Path(a.adapter).resolve().name}" if a.adapter else ""))
     out = Path(a.out) if a.out else default_out
     out.mkdir(parents=True, exist_ok=True)
     samples_path = out / "samples.jsonl"
@@ -425,8 +451,8 @@ def run(a):
           f"settings {settings['hash']} | out {out}")
     keyed = {w: [dict(it, key=sample_key(it["benchmark"], it["id"], it["sample"], window_label(w),
                                          settings["hash"])) for it in items] for w in windows}
-    print_plan(model, tok, adapters, [it for w in windows for it in keyed[w] if it["key"] not in done], windows,
-               settings, a.batch_size)
+    print_plan(model, tok, adapters, [it for w in windows for it in keyed[w] if it["key"] not in done],
+               windows, settings, a.batch_size)
     records, generated = [], 0
     for w in windows:
         pending = [it for it in keyed[w] if it["key"] not in done]
@@ -444,24 +470,29 @@ def run(a):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate a base model or PTE/LoRA adapters on math benchmarks.")
-    ap.add_argument("--model", default=None, help="local HF folder or hub id (default: the adapter's base model; "
-                    f"with no --adapter either, the newest checkpoint under --runs, else {DEFAULT_MODEL})")
+    ap.add_argument("--model", default=None, help="local HF folder or hub id (default: the adapter's base "
+                    "model; with no --adapter either, the newest checkpoint under --runs, "
+                    f"else {DEFAULT_MODEL})")
     ap.add_argument("--adapter", default=None, help="folder with adapter.json + adapter.safetensors (pte.py)")
-    ap.add_argument("--runs", default="runs", help="where grpo.py writes (searched when --model and --adapter "
-                    "are both absent)")
-    ap.add_argument("--window", default=None, help="thought window W, 'full', or a list: 768,1024,2048,3072,full")
-    ap.add_argument("--benchmarks", default=",".join(PAPER_BENCHMARKS), help=f"comma list of {', '.join(BENCHMARKS)}")
+    ap.add_argument("--runs", default="runs", help="where grpo.py writes "
+                    "(searched when --model and --adapter are both absent)")
+    ap.add_argument("--window", default=None, help="thought window W, 'full', or a list: "
+                    "768,1024,2048,3072,full")
+    ap.add_argument("--benchmarks", default=",".join(PAPER_BENCHMARKS),
+                    help=f"comma list of {', '.join(BENCHMARKS)}")
     ap.add_argument("--samples", type=int, default=None, help="samples per problem for every benchmark")
     ap.add_argument("--max-new-tokens", type=int, default=3072)
     ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: by model family)")
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
-    ap.add_argument("--data-dir", default=None, help="offline JSONL copies (or env PTE_DATA_DIR); default: the hub")
+    ap.add_argument("--data-dir", default=None, help="offline JSONL copies (or env PTE_DATA_DIR); "
+                    "default: the hub")
     ap.add_argument("--out", default=None)
     ap.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt-style", default=None, help=f"{' | '.join(PROMPT_STYLES)}")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 "
+                    "(default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
     try:

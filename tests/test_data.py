@@ -16,8 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so that plain `pytest` finds data.py too
 import data  # noqa: E402
-from data import (BENCHMARKS, DataError, build_user_message, extract_answer, is_correct, is_equiv,  # noqa: E402
-                  load_benchmark, load_train, read_jsonl, reward)
+from data import (BENCHMARKS, DataError, build_user_message, extract_answer, is_correct,  # noqa: E402
+                  is_equiv, load_benchmark, load_train, read_jsonl, reward)
 
 SHARED = Path(os.environ.get("PTE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 DATA = SHARED / "data"
@@ -34,8 +34,10 @@ def box(ans):  # a typical completion: some reasoning, then the boxed answer
 CASES = [
     # --- extraction: where the answer is taken from -------------------------------------------------------
     ("Let me compute.\n3 + 4 = 7\nTherefore the answer is \\boxed{7}.", "7", True),
-    ("<think>\nMaybe 5? Let me write \\boxed{5}... no, recheck.\n</think>\nThe answer is \\boxed{6}.", "6", True),
-    ("<think>\nMaybe 5? Let me write \\boxed{5}... no, recheck.\n</think>\nThe answer is \\boxed{6}.", "5", False),
+    ("<think>\nMaybe 5? Let me write \\boxed{5}... no, recheck.\n</think>\nThe answer is \\boxed{6}.",
+     "6", True),
+    ("<think>\nMaybe 5? Let me write \\boxed{5}... no, recheck.\n</think>\nThe answer is \\boxed{6}.",
+     "5", False),
     ("<think>I get \\boxed{6}</think>\nSo the result is 6", "6", False),  # only what follows </think> counts
     ("<think>\nx = 12 works.\n</think>\n\nAnswer: 12", "12", True),
     ("Step 1: ...\nStep 2: so a+b+c = 34.\nAnswer: 34", "34", True),  # the DAPO format
@@ -376,7 +378,8 @@ CASES = [
     ("Thus the final answer is: $\\frac{7}{2}$", "3.5", True),
     ("The answer is 3.5.", "\\frac{7}{2}", True),
     ("The answer is 42 or 43.", "42", False),  # hedging
-    ("I wonder whether the answer is 42; 6 * 7 = 42 after all.", "42", False),  # not a statement of the answer
+    # not a statement of the answer
+    ("I wonder whether the answer is 42; 6 * 7 = 42 after all.", "42", False),
     ("The answer is the number of ways to pick 2 of the 9 balls, 36.", "36", False),  # prose, not an answer
     # --- a completion that is only the answer (made up: 3.5) ---------------------------------------------
     ("7/2", "\\frac{7}{2}", True),
@@ -478,7 +481,8 @@ def test_table_is_large_enough():
 def test_reward_table(completion, gold, expected):
     assert is_correct(completion, gold) is expected
     assert reward(completion, gold, strict=False) == (1.0 if expected else 0.0)
-    if extract_answer(completion, strict=True) == extract_answer(completion):  # a \boxed{} or "Answer:" answer
+    # a \boxed{} or "Answer:" answer
+    if extract_answer(completion, strict=True) == extract_answer(completion):
         assert reward(completion, gold) == (1.0 if expected else 0.0)
 
 
@@ -607,8 +611,8 @@ def test_build_user_message():
         "What is 1+1?\n\nPlease reason step by step, and put your final answer within \\boxed{}.")
     msg = build_user_message("What is 1+1?", style="dapo")
     assert msg.startswith("Solve the following math problem step by step. The last line of your response "
-                          "should be of the form Answer: $Answer (without quotes) where $Answer is the answer "
-                          "to the problem.\n\nWhat is 1+1?")
+                          "should be of the form Answer: $Answer (without quotes) where $Answer is the "
+                          "answer to the problem.\n\nWhat is 1+1?")
     assert msg.endswith('What is 1+1?\n\nRemember to put your answer on its own line after "Answer:".')
     with pytest.raises(DataError, match="boxed, dapo"):
         build_user_message("x", style="chatml")
@@ -667,7 +671,8 @@ def test_load_train_local_ids_dedup_and_data_dir(tmp_path):
     f.write_text('{"problem": "A", "answer": 3}\n{"id": "q7", "problem": "B", "answer": "4"}\n'
                  '{"problem": "A", "answer": "3"}\n{"problem": "C", "answer": 27.0}\n')
     recs = load_train(str(f))
-    assert recs == [{"id": "train-0", "problem": "A", "answer": "3"}, {"id": "q7", "problem": "B", "answer": "4"},
+    assert recs == [{"id": "train-0", "problem": "A", "answer": "3"},
+                    {"id": "q7", "problem": "B", "answer": "4"},
                     {"id": "train-2", "problem": "C", "answer": "27"}]
     assert load_train("t.jsonl", data_dir=tmp_path) == recs
 
@@ -676,16 +681,19 @@ def write_dapo_parquet(path, rows):
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist([
-        {"data_source": "math_dapo", "prompt": [{"role": "user", "content": data.DAPO_PREFIX + p + data.DAPO_SUFFIX}],
+        {"data_source": "math_dapo",
+         "prompt": [{"role": "user", "content": data.DAPO_PREFIX + p + data.DAPO_SUFFIX}],
          "ability": "MATH", "reward_model": {"ground_truth": a, "style": "rule-lighteval/MATH_v2"},
          "extra_info": {"index": f"uuid-{i}"}} for i, (p, a) in enumerate(rows)]), path)
 
 
 def test_load_train_from_hub_schema(tmp_path, monkeypatch):
-    # the DAPO parquet layout, served by a fake hf_hub_download: template stripped, duplicates dropped in order
+    # the DAPO parquet layout, served by a fake hf_hub_download: template stripped,
+    # duplicates dropped in order
     import huggingface_hub
     path = tmp_path / "dapo.parquet"
-    write_dapo_parquet(path, [("What is $1+1$?", "2"), ("Find $x$.", "5"), ("What is $1+1$?", "2"), ("Last.", "-3")])
+    write_dapo_parquet(path, [("What is $1+1$?", "2"), ("Find $x$.", "5"), ("What is $1+1$?", "2"),
+                              ("Last.", "-3")])
     calls = []
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append((a, k)) or str(path))
     recs = load_train("BytedTsinghua-SIA/DAPO-Math-17k")
@@ -706,7 +714,8 @@ def test_hub_failures_are_one_line(monkeypatch):
     monkeypatch.delenv("PTE_DATA_DIR", raising=False)
     with pytest.raises(DataError) as e:
         load_train("BytedTsinghua-SIA/DAPO-Math-17k")
-    assert one_line(e).startswith("cannot download BytedTsinghua-SIA/DAPO-Math-17k") and "--train-data" in str(e.value)
+    assert (one_line(e).startswith("cannot download BytedTsinghua-SIA/DAPO-Math-17k")
+            and "--train-data" in str(e.value))
     with pytest.raises(DataError) as e:
         load_benchmark("aime24")
     assert "HuggingFaceH4/aime_2024" in one_line(e) and "--data-dir" in str(e.value)
@@ -724,7 +733,8 @@ def test_load_benchmark_from_hub_parquet_branch(tmp_path, monkeypatch):
     pq.write_table(pa.Table.from_pylist([{"id": 1606, "question": "Q2", "final_answer": ["$69$, $84$"]}]),
                    tmp_path / "OE_TO_maths_en_COMP/train/0000.parquet")
     seen = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **k: seen.append((repo, k)) or str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **k: seen.append((repo, k)) or str(tmp_path))
     monkeypatch.delenv("PTE_DATA_DIR", raising=False)
     assert load_benchmark("gsm8k") == [{"id": "gsm8k-0", "problem": "Q1", "answer": "1,600"}]
     assert seen[-1][0] == "openai/gsm8k" and seen[-1][1]["allow_patterns"] == ["main/test/*.parquet"]
@@ -747,8 +757,8 @@ def test_load_benchmark_errors(tmp_path, monkeypatch):
 
 
 @needs_shared
-@pytest.mark.parametrize("name,count", [("math500", 500), ("olympiadbench", 675), ("amc23", 40), ("aime24", 30),
-                                        ("aime25", 30), ("minerva", 272), ("gsm8k", 1319)])
+@pytest.mark.parametrize("name,count", [("math500", 500), ("olympiadbench", 675), ("amc23", 40),
+                                        ("aime24", 30), ("aime25", 30), ("minerva", 272), ("gsm8k", 1319)])
 def test_benchmark_counts(name, count):
     recs = load_benchmark(name, data_dir=DATA)
     assert len(recs) == count
@@ -767,7 +777,8 @@ def test_train_sample():
 
 
 @needs_shared
-@pytest.mark.parametrize("name", ["aime24", "aime25", "amc23", "math500", "olympiadbench", "minerva", "gsm8k"])
+@pytest.mark.parametrize("name", ["aime24", "aime25", "amc23", "math500", "olympiadbench", "minerva",
+                                  "gsm8k"])
 def test_every_gold_matches_itself(name):
     # each gold, boxed in a completion, must earn reward 1 through the full pipeline
     fails = [r["answer"] for r in load_benchmark(name, data_dir=DATA)
@@ -778,8 +789,9 @@ def test_every_gold_matches_itself(name):
 @needs_shared
 @pytest.mark.parametrize("fmt", ["Final Answer: The final answer is ${}$. I hope it is correct.", "${}$"])
 def test_minerva_golds_in_minerva_format_and_bare(fmt):
-    # Minerva's answer format, and a bare $answer$, on Minerva's golds (long formulas and equations among them);
-    # golds with a "$" inside ("x_{0} \\cos (\\omega t)+$ $\\dot{x}_{0}...") can't be written inside $...$
+    # Minerva's answer format, and a bare $answer$, on Minerva's golds (long formulas and equations among
+    # them); golds with a "$" inside ("x_{0} \\cos (\\omega t)+$ $\\dot{x}_{0}...")
+    # can't be written inside $...$
     fails = [r["answer"] for r in load_benchmark("minerva", data_dir=DATA)
              if "$" not in r["answer"] and not is_correct(fmt.format(r["answer"]), r["answer"])]
     assert fails == []
@@ -788,6 +800,7 @@ def test_minerva_golds_in_minerva_format_and_bare(fmt):
 @needs_shared
 def test_raw_source_answers_match_cleaned_golds():
     # the sources' own spellings: AIME "025", AMC 27.0, OlympiadBench "$69$, $84$"
-    pairs = [(str(r["answer_raw"]), r["answer"]) for n in ("aime24.jsonl", "amc23.jsonl") for r in read_jsonl(DATA / n)]
+    pairs = [(str(r["answer_raw"]), r["answer"]) for n in ("aime24.jsonl", "amc23.jsonl")
+             for r in read_jsonl(DATA / n)]
     pairs += [(r["final_answer"][0], r["answer"]) for r in read_jsonl(DATA / "olympiadbench.jsonl")]
     assert [(p, g) for p, g in pairs if not is_correct(f"\\boxed{{{p}}}", g)] == []

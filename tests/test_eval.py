@@ -1,6 +1,6 @@
-"""eval.py: the pass@k / avg@K estimators, an end-to-end run on a tiny model and a tiny local benchmark (outputs,
-resume without regeneration, identical metrics, window sweep plot), adapters (method recorded, wrong base model
-refused) and one-line errors for bad input."""
+"""eval.py: the pass@k / avg@K estimators, an end-to-end run on a tiny model and a tiny local benchmark
+(outputs, resume without regeneration, identical metrics, window sweep plot), adapters (method recorded, wrong
+base model refused) and one-line errors for bad input."""
 import itertools
 import json
 import math
@@ -60,8 +60,8 @@ def data_dir(tmp_path):
 
 
 def base_args(model_dir, data_dir, out, *extra):
-    return ["--model", str(model_dir), "--benchmarks", "gsm8k", "--data-dir", str(data_dir), "--out", str(out),
-            "--samples", "2", "--max-new-tokens", "16", "--batch-size", "3", *extra]
+    return ["--model", str(model_dir), "--benchmarks", "gsm8k", "--data-dir", str(data_dir),
+            "--out", str(out), "--samples", "2", "--max-new-tokens", "16", "--batch-size", "3", *extra]
 
 
 def comparable(path):
@@ -152,8 +152,9 @@ def test_adapter_method_recorded(qwen_dir, data_dir, tmp_path, capsys):
 
 
 def test_no_model_evaluates_newest_checkpoint(qwen_dir, data_dir, tmp_path, capsys):
-    """`python grpo.py` then `python eval.py --window 768`: with neither --model nor --adapter, the newest checkpoint
-    under runs/ is evaluated on its own base model, and the plan (completions, tokens, a time estimate) is printed."""
+    """`python grpo.py` then `python eval.py --window 768`: with neither --model nor --adapter, the newest
+    checkpoint under runs/ is evaluated on its own base model, and the plan (completions, tokens,
+    a time estimate) is printed."""
     import os
     old = make_adapter(qwen_dir, tmp_path / "runs" / "grpo" / "ckpt-000001", method="lora_c")
     new = make_adapter(qwen_dir, tmp_path / "runs" / "grpo" / "ckpt-000002")

@@ -1,10 +1,12 @@
-"""GRPO (grpo.py): advantages, ratio 1 at the first update for every method, GRPO learns a toy task (lora, lora_c,
-pte under a window smaller than the completion), exact resume, torchrun == one process, bad input -> one line.
+"""GRPO (grpo.py): advantages, ratio 1 at the first update for every method, GRPO learns a toy task (lora,
+lora_c, pte under a window smaller than the completion), exact resume, torchrun == one process,
+bad input -> one line.
 
-The toy task: reward 1 if the completion contains one of the characters "abc" (grpo.toy_reward); a random model
-hits it ~10% of the time. The toy model is a 1-layer, 32-wide Qwen2 whose final RMSNorm gain is 3: a random tiny
-model's logits are nearly flat and bounded (|h| |e|), so no adapter could make a token likely; the gain gives the
-logits the range a trained model has. Everything runs with one CPU thread (tiny matmuls; 2-core CI boxes)."""
+The toy task: reward 1 if the completion contains one of the characters "abc" (grpo.toy_reward); a random
+model hits it ~10% of the time. The toy model is a 1-layer, 32-wide Qwen2 whose final RMSNorm gain is 3: a
+random tiny model's logits are nearly flat and bounded (|h| |e|), so no adapter could make a token likely; the
+gain gives the logits the range a trained model has. Everything runs with one CPU thread
+(tiny matmuls; 2-core CI boxes)."""
 import json
 import os
 import shutil
@@ -21,8 +23,8 @@ from pte import Adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_ARGS = ["--reward", "toy", "--prompt-style", "boxed", "--group-size", "4", "--prompts-per-step", "4",
-            "--micro-batch", "8", "--max-new-tokens", "12", "--window", "4", "--rank", "4", "--global-tokens", "4",
-            "--lr", "3e-2"]
+            "--micro-batch", "8", "--max-new-tokens", "12", "--window", "4", "--rank", "4",
+            "--global-tokens", "4", "--lr", "3e-2"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,8 +36,8 @@ def toy_dir(tmp_path_factory):
 
     from conftest import make_hf_model
     d = tmp_path_factory.mktemp("toy")
-    make_hf_model(d, "qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1)
+    make_hf_model(d, "qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1)
     sd = load_file(d / "model.safetensors")
     sd["model.norm.weight"] *= 3.0
     save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
@@ -45,13 +47,14 @@ def toy_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "toy.jsonl"
-    path.write_text("".join(json.dumps({"problem": f"question {i}", "answer": "abcdefgh"}) + "\n" for i in range(8)))
+    path.write_text("".join(json.dumps({"problem": f"question {i}", "answer": "abcdefgh"}) + "\n"
+                            for i in range(8)))
     return path
 
 
 def setup(model_dir, **kw):
-    kw = dict(dict(group_size=8, prompts_per_step=4, micro_batch=32, max_new_tokens=12, rank=4, global_tokens=4,
-                   lr=3e-2, prompt_style="boxed"), **kw)
+    kw = dict(dict(group_size=8, prompts_per_step=4, micro_batch=32, max_new_tokens=12, rank=4,
+                   global_tokens=4, lr=3e-2, prompt_style="boxed"), **kw)
     cfg = grpo.GRPOConfig(model=str(model_dir), **kw)
     grpo.validate(cfg, 1)
     model, tok = load_model(cfg.model, cfg.dtype)
@@ -72,22 +75,24 @@ def test_advantages_worked_example():
     assert torch.allclose(A[0], torch.tensor([0.75, -0.25, -0.25, -0.25]))
 
 
-# max |ratio - 1| at the first update, measured (1 or 2 threads, torch 2.13 CPU): float64, 0 for lora and lora_c;
-# pte 0 under the boxed prompt and 3.5e-9 under the longer DAPO prompt (P = 299: one element of 768 differs, the
-# rest is bit-identical; a kernel picked by shape, not explained further). fp32: 2.4e-6 (pte), 9.5e-7 (lora,
-# lora_c). Tolerances ~300x / ~40x those; a real defect (a wrong schedule, a stale S) moves log-probs by > 1e-2.
+# max |ratio - 1| at the first update, measured (1 or 2 threads, torch 2.13 CPU): float64, 0 for lora and
+# lora_c; pte 0 under the boxed prompt and 3.5e-9 under the longer DAPO prompt (P = 299: one element of 768
+# differs, the rest is bit-identical; a kernel picked by shape, not explained further).
+# fp32: 2.4e-6 (pte), 9.5e-7 (lora, lora_c). Tolerances ~300x / ~40x those; a real defect
+# (a wrong schedule, a stale S) moves log-probs by > 1e-2.
 RATIO_TOL = {"float64": 1e-6, "float32": 1e-4}
 
 
-@pytest.mark.parametrize("method,window,dtype,micro", [("lora", None, "float64", 32), ("lora_c", 6, "float64", 32),
+@pytest.mark.parametrize("method,window,dtype,micro", [("lora", None, "float64", 32),
+                                                       ("lora_c", 6, "float64", 32),
                                                        ("pte", 6, "float64", 32), ("pte", 6, "float32", 32),
                                                        ("pte", 6, "float64", 5),
                                                        ("lora_c", 6, "float32", 5)])
 def test_first_update_ratio_is_one(qwen_dir, method, window, dtype, micro):
-    """Random non-zero adapters, a window smaller than the completion: at the first update the replayed log-probs
-    equal the rollout's, so every ratio is 1 and nothing is clipped; the adapters get a gradient. micro 5: the
-    32 responses are sampled by one generate() call (--rollout-batch 32) and replayed in micro-batches of 5 (groups
-    of 8 split across them), each with the rollout batch's window."""
+    """Random non-zero adapters, a window smaller than the completion: at the first update the replayed
+    log-probs equal the rollout's, so every ratio is 1 and nothing is clipped; the adapters get a gradient.
+    micro 5: the 32 responses are sampled by one generate() call (--rollout-batch 32) and replayed in
+    micro-batches of 5 (groups of 8 split across them), each with the rollout batch's window."""
     cfg, model, tok, ad, opt = setup(qwen_dir, method=method, window=window, max_new_tokens=24, dtype=dtype,
                                      rollout_batch=32, micro_batch=micro)
     g = torch.Generator().manual_seed(1)
@@ -107,8 +112,8 @@ def test_first_update_ratio_is_one(qwen_dir, method, window, dtype, micro):
 
 @pytest.mark.parametrize("method,window", [("lora", None), ("lora_c", 4), ("pte", 4)])
 def test_grpo_learns_toy_task(toy_dir, method, window):
-    """grpo.py's own loop (rollout -> score -> advantages -> replay/loss/step) with an injected reward: the mean
-    reward goes from ~0.1 to >= 0.8 within 25 steps (window 4 < 12 new tokens for lora_c and pte)."""
+    """grpo.py's own loop (rollout -> score -> advantages -> replay/loss/step) with an injected reward: the
+    mean reward goes from ~0.1 to >= 0.8 within 25 steps (window 4 < 12 new tokens for lora_c and pte)."""
     cfg, model, tok, ad, opt = setup(toy_dir, method=method, window=window)
     problems = [{"problem": f"q{i}", "answer": "abc"} for i in range(4)]
     rewards = []
@@ -170,13 +175,15 @@ def test_torchrun_matches_one_process(toy_dir, toy_data, tmp_path):
     """2 processes (gloo), 2 prompts each, == 1 process with the same 4 prompts per step. The two runs sum the
     gradient in different orders, and AdamW amplifies a rounding difference in a gradient element that nearly
     cancels by up to lr / eps = 3e-2 / 1e-8 = 3e6. So the test runs in float64, where the worst difference
-    measured was 4.7e-9; 1e-6 leaves ~200x headroom, and a real defect (a rank's share dropped or counted twice,
-    a missing all-reduce) moves a parameter by ~lr = 3e-2."""
+    measured was 4.7e-9; 1e-6 leaves ~200x headroom, and a real defect (a rank's share dropped or counted
+    twice, a missing all-reduce) moves a parameter by ~lr = 3e-2."""
     args = ["--model", toy_dir, "--train-data", toy_data, *TOY_ARGS, "--steps", "2", "--dtype", "float64"]
     run_main([*args, "--out", tmp_path / "one"])
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "grpo.py", *map(str, args), "--out", str(tmp_path / "two")], cwd=ROOT, env=env1(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "grpo.py", *map(str, args),
+                          "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     from safetensors.torch import load_file
     a, b = (load_file(tmp_path / r / "ckpt-000002" / "adapter.safetensors") for r in ("one", "two"))
@@ -184,7 +191,8 @@ def test_torchrun_matches_one_process(toy_dir, toy_data, tmp_path):
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"max |one process - torchrun| over the adapters: {diff:.1e}")
     assert diff < 1e-6
-    la, lb = ([json.loads(x) for x in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("one", "two"))
+    la, lb = ([json.loads(x) for x in (tmp_path / r / "log.jsonl").read_text().splitlines()]
+              for r in ("one", "two"))
     assert [x["reward"] for x in la] == [x["reward"] for x in lb] and any(x["updated"] for x in la)
     assert [x["seeds"] for x in la] == [x["seeds"] for x in lb]
 
@@ -204,10 +212,12 @@ def test_bad_input_is_one_line(toy_dir, toy_data, tmp_path, capsys):
     st = tmp_path / "run2" / "ckpt-000002" / "adapter.safetensors"
     st.write_bytes(st.read_bytes()[:100])
     model = ["--model", toy_dir]
-    # in a subprocess: the process exit path, and hub look-ups (HF_HUB_OFFLINE is read when huggingface_hub loads)
+    # in a subprocess: the process exit path, and hub look-ups
+    # (HF_HUB_OFFLINE is read when huggingface_hub loads)
     spawned = {
         "malformed": ([*model, "--train-data", bad], "bad.jsonl:2"),
-        "hub model": (["--model", "no-such-org/no-such-model", "--train-data", toy_data], "no-such-org/no-such-model"),
+        "hub model": (["--model", "no-such-org/no-such-model", "--train-data", toy_data],
+                      "no-such-org/no-such-model"),
         "hub data": ([*model, "--train-data", "no-such-org/no-such-data"], "no-such-org/no-such-data"),
     }
     # in this process, through the same main(): what it prints to stderr and returns
@@ -222,8 +232,9 @@ def test_bad_input_is_one_line(toy_dir, toy_data, tmp_path, capsys):
         "corrupt adapter": ([*base, "--steps", "3", "--out", tmp_path / "run2", "--resume"], "ckpt-000001"),
         "no resume": ([*base, "--out", tmp_path / "run"], "--resume"),
     }
-    procs = {k: subprocess.Popen([sys.executable, "grpo.py", *map(str, argv)], cwd=ROOT, env=env1(), text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k, (argv, _) in spawned.items()}
+    procs = {k: subprocess.Popen([sys.executable, "grpo.py", *map(str, argv)], cwd=ROOT, env=env1(),
+                                 text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for k, (argv, _) in spawned.items()}
     results = {}
     for name, (argv, _) in direct.items():
         capsys.readouterr()
