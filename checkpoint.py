@@ -82,7 +82,8 @@ def load_adapters(model, folder) -> Adapters:
         sd = load_file(str(Path(folder) / "adapter.safetensors"))
     except (SafetensorError, OSError) as e:
         raise AdapterError(f"cannot read {folder}/adapter.safetensors: {str(e).splitlines()[0]}") from None
-    adapters = Adapters(model, AdapterConfig(**meta["config"]))
+    # adapters saved before state_update existed were trained with the literal Eq. 6 (S + S')
+    adapters = Adapters(model, AdapterConfig(**{"state_update": "literal", **meta["config"]}))
     try:
         adapters.load_state_dict(sd, strict=True)
     except RuntimeError as e:
