@@ -164,6 +164,8 @@ def main(argv=None):
     ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a tiny model: 1 is fastest)")
     ap.add_argument("--methods", default="lora,lora_c,pte", help="which adapters to train (comma list)")
+    ap.add_argument("--state-update", default=grpo.GRPOConfig.state_update, choices=grpo.STATE_UPDATES,
+                    help="pte's Eq. 6 form (README choice 8; literal = the paper as written)")
     ap.add_argument("--verbose", action="store_true", help="show grpo.py's per-step lines")
     ap.add_argument("--quiet", action="store_true", help="print only the final table")
     args = ap.parse_args(argv)
@@ -198,7 +200,8 @@ def main(argv=None):
                               prompts_per_step=args.prompts_per_step,
                               micro_batch=args.prompts_per_step * args.group_size,
                               steps=args.steps, lr=args.lr, rank=8, global_tokens=8, seed=args.seed,
-                              out=str(run), save_every=args.steps, keep=1, log_samples=0, device="cpu")
+                              out=str(run), save_every=args.steps, keep=1, log_samples=0, device="cpu",
+                              state_update=args.state_update)
         grpo.train(cfg, reward_fn=make_reward(K, NF), quiet=not args.verbose)
         curves[method] = [json.loads(l)["reward"] for l in (run / "log.jsonl").read_text().splitlines()]
         model, tok = load_model(str(base_dir), device="cpu")

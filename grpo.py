@@ -62,7 +62,7 @@ from cache import parse_window
 from checkpoint import (CheckpointError, checkpoints, load_checkpoint_adapters, read_checkpoint, restore,
                         save_checkpoint)
 from model import DEFAULT_MODEL, ModelError, generate, load_model, peak_memory, reset_peak_memory
-from pte import AdapterConfig, AdapterError, Adapters, replay
+from pte import FOLD_KEYS, STATE_UPDATES, AdapterConfig, AdapterError, Adapters, replay
 
 
 class GRPOError(ValueError):
@@ -102,6 +102,8 @@ class GRPOConfig:
     global_only: bool = False
     state_softmax: bool = False
     normalize: str = "row"
+    state_update: str = "literal"     # Eq. 6's weight of S' (README choice 8)
+    fold_keys: str = "rotated"
     seed: int = 0
     out: str = "runs/grpo"
     save_every: int = 25
@@ -485,7 +487,8 @@ def validate(cfg: GRPOConfig, world: int):
 def adapter_config(cfg: GRPOConfig) -> AdapterConfig:
     return AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets,
                          n_global=cfg.global_tokens, global_only=cfg.global_only,
-                         state_softmax=cfg.state_softmax, normalize=cfg.normalize)
+                         state_softmax=cfg.state_softmax, normalize=cfg.normalize,
+                         state_update=cfg.state_update, fold_keys=cfg.fold_keys)
 
 
 def make_optimizer(adapters, cfg: GRPOConfig):
@@ -677,6 +680,11 @@ def parse_args(argv=None):
     a("--state-softmax", action="store_true", help="PTE Eq. 4 with softmax(QK^T/sqrt r) "
       "(not the paper's form)")
     a("--normalize", default=d.normalize, choices=["row", "frobenius", "none"], help="PTE Normalize of Eq. 6")
+    a("--state-update", default=d.state_update, choices=STATE_UPDATES, help="PTE Eq. 6, S = Normalize(S + w S'): "
+      "literal (default: the paper as written, w = 1), scaled (w = 1/(m sqrt(d_kv))), unit, gated, unit_gated "
+      "(README choice 8)")
+    a("--fold-keys", default=d.fold_keys, choices=FOLD_KEYS, help="PTE Eq. 4 folds the evicted keys as cached "
+      "(rotated, post-RoPE) or with RoPE undone (unrotated)")
     a("--seed", type=int, default=d.seed, help="seeds adapter init, data order and every rollout generator")
     a("--out", default=d.out, help="output folder: log.jsonl, config.json, curves.png, ckpt-NNNNNN/")
     a("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and at the last step)")

@@ -59,7 +59,7 @@ class AdapterConfig:
     global_only: bool = False     # ablation "Global-Only": S stays S0, evictions are not folded in
     state_softmax: bool = False   # Eq. 4 with softmax(Q K^T / sqrt(r)) V: a stability variant, not the paper's form
     normalize: str = "row"        # Eq. 6's Normalize, undefined in the paper: row-wise L2 (§7-A6) | frobenius | none
-    state_update: str = "scaled"   # Eq. 6's S' weight: scaled | literal | unit | gated | unit_gated (LayerAdapter.update)
+    state_update: str = "literal"  # Eq. 6's S' weight: literal | scaled | unit | gated | unit_gated (README choice 8)
     gate_init: float = 0.25        # unit_gated: initial weight of Normalize(S') against the normalised S
     fold_keys: str = "rotated"     # keys folded by Eq. 4: rotated (as cached, post-RoPE) | unrotated (RoPE undone)
 
@@ -176,30 +176,30 @@ class LayerAdapter(nn.Module):
     def update(self, S, K_e, V_e):
         """Eq. 6, one event: S (B, r, r), evicted K_e, V_e (B, m, d_kv) -> Normalize(S + w * S'), S' = Eq. 4.
 
-        Why the default is w = 1 / (m sqrt(d_kv)) ("scaled") and not the paper's w = 1 ("literal").
+        Why the default is the paper's w = 1 ("literal"), and why "scaled", w = 1 / (m sqrt(d_kv)), exists.
         S is row-normalised, S' is not. On real Qwen weights one event (m = 192) gives S' row norms 77-676, so
-        the literal S_after ~ Normalize(S') (cos >= 0.998): every event overwrites the state. Evidence from the
-        toy recall task (experiments/recall.py -> recall.json; 2 layers, d_kv = 32, r = 8, 150 steps, lr 1e-3):
+        the literal S_after ~ Normalize(S') (cos >= 0.998): there, every event would overwrite the state.
+        Evidence from the toy recall task (experiments/recall.py -> recall.json; 2 layers, d_kv = 32, r = 8,
+        150 steps, lr 1e-3; one seed, +-0.03):
         - What carries the secret is the SUM S + S', not the chain "S shapes the next K/V, folded next". With S
           read only at the query (evicted K/V never depend on S: probe `cut`) recall is 1.00 at 10 events after
           the secret; keeping only the chain (S = Normalize(S0 + S'): probe `reset`) gives chance (0.09); k/v
           adapters on S0 (probe `kv_S0`) 0.90.
-        - At W = 8 (m = 2) the toy's S' rows are ~0.2, not 77-676: the literal form sits where S survives an
-          event (cos(S_after, S_before) ~ 0.97) and recalls 1.00 / 0.99 / 0.92 at 3 / 10 / 30 events. In the
-          real-weight regime (S' x 300) it is at chance from 3 events on (0.21 / 0.10 / 0.11); `unit` (every
-          event weighs as much as all of S) 0.69 / 0.13 at 3 / 10; softmax (rows ~2.6) 0.10 at 10. The literal
-          S' grows with m: at W = 64 (m = 16, rows ~1.6, survival 0.83) it is 0.94 at 3 events, 0.10 at 10.
-        - `scaled` keeps S''s magnitude (the encoder's per-token write strength: the digit written hard, the
-          fillers softly; `unit_gated`, 0.25 Normalize(S'), loses it: 0.45 / 0.07 at 10 / 30) and divides out m
-          and d_kv: real-weight rows 77-676 become 0.03-0.22, the regime where the toy works. Toy: 0.97 / 0.93 /
-          0.93 / 0.89 at 1 / 3 / 10 / 30 events, survival cos(S_after, S_before) 0.98-0.995 per event.
-          lr sweep at 10 events (3e-4 / 1e-3 / 3e-3): scaled 0.12 / 0.93 / 1.00, literal 0.39 / 0.99 / 1.00.
-          Its limits: it needs the larger lr (its S' starts ~10x smaller): at m = 16 (W = 64), 3 events, it is
-          0.42 at lr 1e-3 and 0.88 at 3e-3; 0.17 at 10 events (lr 1e-3, where literal is 0.10).
-        - `gated` (scaled times a learned exp(log_gate), init 1) stayed within 10% of init (Adam moves the log
+        - literal carries it furthest at the scales we can train: 1.00 / 1.00 / 0.99 / 0.92 at 1 / 3 / 10 / 30
+          events (W = 8, m = 2, S' rows ~0.2, cos(S_after, S_before) ~0.97); scaled 0.97 / 0.93 / 0.93 / 0.89;
+          unit (every event weighs as much as all of S) 0.69 / 0.13 at 3 / 10; unit_gated 0.45 / 0.07 at 10 / 30;
+          softmax 0.10 at 10. lr sweep at 10 events (3e-4 / 1e-3 / 3e-3): literal 0.39 / 0.99 / 1.00, scaled
+          0.12 / 0.93 / 1.00. In the demo (demo.py, GRPO at lr 3e-3) literal reaches 0.83 where scaled stays at
+          lora_c's 0.095: scaled's S' starts ~10x smaller and needs a larger lr.
+        - Where literal breaks: at real-weight magnitudes (S' x 300 on the toy) it is at chance from 3 events on
+          (0.21 / 0.10 / 0.11), and at W = 64 (m = 16, rows ~1.6) it is 0.94 at 3 events, 0.10 at 10. scaled
+          divides out m and d_kv (real rows 77-676 become 0.03-0.22) and keeps S' per-token strength; one
+          real-sized event keeps cos(S_after, S_before) = 0.985 under scaled, -0.09 under literal. So on a real
+          model with W in the hundreds, try --state-update scaled (with a larger adapter lr) against literal.
+        - gated (scaled times a learned exp(log_gate), init 1) stayed within 10% of init (Adam moves the log
           by ~lr per step) and matched scaled (0.93 at 10 events). Unrotated keys: literal 0.99 at 10 (= rotated).
-        state_update chooses w:  scaled   w = 1 / (m sqrt(d_kv))   (default)
-                                 literal  w = 1 (the paper as written)
+        state_update chooses w:  literal  w = 1 (the paper as written; default)
+                                 scaled   w = 1 / (m sqrt(d_kv))
                                  unit     S' replaced by Normalize(S') (same Normalize as S)
                                  gated    w = exp(log_gate) / (m sqrt(d_kv)), log_gate learnable per layer, init 0
                                  unit_gated  Normalize(S') weighted by gate_init * exp(log_gate)

@@ -123,14 +123,14 @@ def plain_replay_loss(model, ad, prompts, tokens, window, weights):
 GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
-@pytest.mark.parametrize("method,update", [("lora", None), ("lora_c", None), ("pte", None), ("pte", "literal"),
+@pytest.mark.parametrize("method,update", [("lora", None), ("lora_c", None), ("pte", None), ("pte", "scaled"),
                                            ("pte", "unit"), ("pte", "gated"), ("pte", "unit_gated")])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_gradient_parity_with_plain_implementation(qwen_dir, method, update, dtype):
     if dtype == torch.float32 and update not in (None, "unit"):
         pytest.skip("fp32: lora, lora_c, pte's default and one unit mode (exactness is tested in float64)")
     model, tok = load_model(str(qwen_dir), dtype)
-    kw = {"state_update": update} if update else {}  # None: the default (scaled)
+    kw = {"state_update": update} if update else {}  # None: the default (literal)
     ad = Adapters(model, AdapterConfig(method=method, rank=4, n_global=3, **kw))
     randomize(ad, seed=2, std=0.2)
     W, P = METHOD_WINDOW[method], prompts_for(3)
