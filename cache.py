@@ -39,6 +39,14 @@ def n_evict(window: int) -> int:
     return math.ceil(window / 4)
 
 
+def eviction_steps(window, n_tokens):
+    """The schedule of the rule above in closed form: the thought indices t before whose feeding an eviction event
+    happens, W, W+E, W+2E, ... (< n_tokens); none in full mode (window None). Replay segments on it (pte.py)."""
+    if window is None:
+        return []
+    return list(range(window, n_tokens, n_evict(window)))
+
+
 class KVCache:
     def __init__(self, n_layers, prompt_lens, n_kv_heads, head_dim, max_new_tokens, window=None,
                  dtype=torch.float32, device="cpu"):

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cache import KVCache
+from cache import KVCache, eviction_steps
 
 
 class ModelError(ValueError):
@@ -343,14 +343,6 @@ def left_pad(prompts, pad_id, device):
     for i, p in enumerate(prompts):
         idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
     return idx.to(device), [len(p) for p in prompts]
-
-
-def eviction_steps(window, n_tokens):
-    """Thought indices t before whose feeding an eviction event happens: W, W+E, W+2E, ... (< n_tokens)."""
-    if window is None:
-        return []
-    from cache import n_evict
-    return list(range(window, n_tokens, n_evict(window)))
 
 
 @torch.no_grad()

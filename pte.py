@@ -40,7 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import eviction_steps, left_pad
+from cache import eviction_steps
+from model import left_pad
 
 METHODS = ("lora", "lora_c", "pte")
 TARGETS = {"qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),

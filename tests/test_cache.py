@@ -3,8 +3,8 @@ memory is fixed, evict() hands back the right keys/values/positions, and the hea
 import pytest
 import torch
 
-from cache import EMPTY, KVCache
-from model import apply_rope, eviction_steps, generate, load_model, rope_cos_sin
+from cache import EMPTY, KVCache, eviction_steps
+from model import apply_rope, generate, load_model, rope_cos_sin
 
 TOL = 1e-4
 PLENS = [5, 11, 2]  # left-padded to P = 11 in one batch
