@@ -407,6 +407,10 @@ def main(argv=None):
             raise ModelError(f"--window must be >= 1 or 'full' (got {window})")
         if args.max_new_tokens < 1:
             raise ModelError("--max-new-tokens must be >= 1")
+        if not args.temperature >= 0:
+            raise ModelError(f"--temperature must be >= 0 (0 = greedy; got {args.temperature})")
+        if not 0 < args.top_p <= 1:
+            raise ModelError(f"--top-p must be in (0, 1] (got {args.top_p})")
         model, tok = load_model(args.model, args.dtype, args.device)
     except ValueError as e:  # ModelError, and int('abc')
         print(f"error: {e}", file=sys.stderr)
