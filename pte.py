@@ -186,6 +186,7 @@ class Adapters(nn.Module):
         p = next(model.parameters())
         self.to(device=p.device, dtype=p.dtype)
         self.S = None  # the chain of states (one (B, r, r) per layer) of the sequence batch being processed
+        self.S_buffers = None  # no_grad generation: S lives here, updated in place (a CUDA graph reads these)
         self.base_fingerprint = fingerprint(model)
         self.base_name = getattr(model, "name_or_path", None)
 
@@ -204,7 +205,7 @@ class Adapters(nn.Module):
     def reset(self, B):
         """State is per rollout: reset for every sequence (paper-method.md §2.4)."""
         self.S = [la.initial_state(B) for la in self.layers] if self.is_pte else None
-        self.activate(self.S)
+        self.settle()
 
     def fold(self, K_e, V_e):
         """One eviction event. K_e, V_e (L, B, H_kv, E, D) from cache.evict(); heads concatenated (§7-A7)."""
@@ -214,6 +215,19 @@ class Adapters(nn.Module):
         flat = lambda X: X.transpose(2, 3).reshape(L, B, E, H * D)  # (L, B, E, d_kv)
         K_e, V_e = flat(K_e), flat(V_e)
         self.S = [la.normalize(S + la.encode(K_e[i], V_e[i])) for i, (la, S) in enumerate(zip(self.layers, self.S))]
+        self.settle()
+
+    def settle(self):
+        """Activate the new S. Under no_grad (generation) it is copied into fixed per-layer buffers that
+        LoRALinear reads, so the captured decode step (model.GraphedStep) sees every fold; with autograd
+        (replay) the chain itself is activated."""
+        if self.S is not None and not torch.is_grad_enabled():
+            if self.S_buffers is None or any(b.shape != S.shape or b.dtype != S.dtype or b.device != S.device
+                                             for b, S in zip(self.S_buffers, self.S)):
+                self.S_buffers = [S.new_empty(S.shape) for S in self.S]
+            for b, S in zip(self.S_buffers, self.S):
+                b.copy_(S)
+            self.S = self.S_buffers
         self.activate(self.S)
 
 
