@@ -26,6 +26,12 @@ the slot is occupied and its position is <= p. Empty, evicted and padding slots 
 number), so one comparison `slot_pos <= q_pos` is the whole mask.
 
 Memory in window mode is fixed at construction: no allocation per step and no torch.cat per token.
+
+Static decode (model.decode_one_token, replayed as a CUDA graph): `prepare_static` is `prepare(1)` with fixed
+shapes and no Python number that changes per step: the thought index is a device tensor, the write slot and the
+position are computed from it on the device, and attention spans a fixed number of slots chosen by the caller
+(all P + W in window mode; the used prefix rounded up to a bucket in full mode). A replayed graph runs no Python,
+so the host counters that drive eviction are advanced separately (`advance`).
 """
 import math
 
@@ -37,6 +43,14 @@ EMPTY = 2 ** 62  # position of a slot that holds nothing: never <= any query pos
 def n_evict(window: int) -> int:
     """Tokens evicted per event: 25% of the thought window (paper: "25% of tokens are evicted"; §7-A2)."""
     return math.ceil(window / 4)
+
+
+def eviction_steps(window, n_tokens):
+    """The schedule of the rule above in closed form: the thought indices t before whose feeding an eviction event
+    happens, W, W+E, W+2E, ... (< n_tokens); none in full mode (window None). Replay segments on it (pte.py)."""
+    if window is None:
+        return []
+    return list(range(window, n_tokens, n_evict(window)))
 
 
 def parse_window(s, also=()):
@@ -117,6 +131,22 @@ class KVCache:
         q_pos = pos.clamp(min=0)  # a padding query sits at position 0 and sees the first real token: finite, unused
         mask = self.slot_pos[:, None, None, :self.n_used] <= q_pos[:, None, :, None]
         return q_pos, mask
+
+    def prepare_static(self, t, n_attend):
+        """prepare(1) for the static decode step: t (1,) device tensor, the thought index of the token fed (its
+        slot is P + t % W; full mode: W = max_new_tokens, so P + t); attention over slots [0, n_attend), a Python
+        int fixed per captured graph. No host sync and no shape that depends on t. Returns (q_pos (B, 1), mask)."""
+        self.slots = self.P + t % self.W
+        pos = self.prompt_lens[:, None] + t  # (B, 1): thought positions continue each real prompt
+        self.slot_pos.index_copy_(1, self.slots, pos)
+        self.n_used = n_attend
+        return pos, self.slot_pos[:, None, None, :n_attend] <= pos[:, None, :, None]
+
+    def advance(self, T=1):
+        """The host side of prepare_static: count T more fed tokens (drives needs_evict/evict), before the step."""
+        if self.n_held + T > self.W:
+            raise RuntimeError(f"cache holds {self.W} thought tokens; evict() first (window) or size it larger (full)")
+        self.n_fed += T
 
     def update(self, layer, k, v):
         """Write this chunk's (post-RoPE) k, v (B, H_kv, T, D) into layer `layer`; return the layer's full K, V.

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cache import KVCache
+from cache import KVCache, eviction_steps, parse_window
 
 
 class ModelError(ValueError):
@@ -108,8 +108,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        dtype = x.dtype  # normalise in fp32, as the reference implementation does
-        x = x.float()
+        dtype = x.dtype  # normalise in fp32 (fp64 stays fp64), as the reference implementation does
+        x = x.to(torch.promote_types(dtype, torch.float32))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -212,7 +212,7 @@ class Transformer(nn.Module):
         """idx (B, T) token ids -> logits (B, T, vocab) (or final hidden states (B, T, d) if hidden_only).
         With a cache, positions and the mask come from it; without, pos defaults to 0..T-1 and mask to causal."""
         B, T = idx.shape
-        if cache is not None:
+        if cache is not None and pos is None:  # the static decode step passes its own pos and mask
             pos, mask = cache.prepare(T)
         elif pos is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)
@@ -276,26 +276,16 @@ def load_state(folder: Path, dtype) -> dict:
     return sd
 
 
-def load_model(name_or_path: str, dtype=None, device=None):
-    """-> (Transformer in eval mode, Tokenizer). dtype defaults to bf16 on CUDA and fp32 on CPU."""
-    from tokenizer import Tokenizer
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    folder = resolve_model_dir(name_or_path)
-    cfg = ModelConfig.from_hf(read_json(folder / "config.json"))
-    sd = load_state(folder, dtype)
+def from_state_dict(cfg: ModelConfig, sd: dict, device) -> Transformer:
+    """A frozen Transformer in eval mode that holds the tensors of `sd` (HF names; strict; no copy where the
+    device matches, so bench.py can run ours and a transformers model on the very same weights)."""
+    device = torch.device(device)
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints carry this
     if cfg.tie_word_embeddings and "model.embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     with torch.device("meta"):
         model = Transformer(cfg)
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise ModelError(f"weights do not match config.json in {folder}: {' '.join(lines[1:3])[:300]}") from None
+    model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -309,8 +299,29 @@ def load_model(name_or_path: str, dtype=None, device=None):
                 mod.weight = nn.Parameter(mod.weight.t().contiguous().t(), requires_grad=False)
         if cfg.tie_word_embeddings:
             model.model.embed_tokens.weight = model.lm_head.weight
+    return model
+
+
+def load_model(name_or_path: str, dtype=None, device=None):
+    """-> (Transformer in eval mode, Tokenizer). dtype defaults to bf16 on CUDA and fp32 on CPU."""
+    from tokenizer import Tokenizer, TokenizerError
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    folder = resolve_model_dir(name_or_path)
+    cfg = ModelConfig.from_hf(read_json(folder / "config.json"))
+    sd = load_state(folder, dtype)
+    try:
+        model = from_state_dict(cfg, sd, device)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ModelError(f"weights do not match config.json in {folder}: {' '.join(lines[1:3])[:300]}") from None
     model.name_or_path = name_or_path
-    tok = Tokenizer(folder, extra_eos=cfg.eos_token_ids)
+    try:
+        tok = Tokenizer(folder, extra_eos=cfg.eos_token_ids)
+    except TokenizerError as e:
+        raise ModelError(str(e)) from None
     return model, tok
 
 
@@ -356,27 +367,35 @@ def left_pad(prompts, pad_id, device):
     return idx.to(device), [len(p) for p in prompts]
 
 
-def eviction_steps(window, n_tokens):
-    """Thought indices t before whose feeding an eviction event happens: W, W+E, W+2E, ... (< n_tokens)."""
-    if window is None:
-        return []
-    from cache import n_evict
-    return list(range(window, n_tokens, n_evict(window)))
+FULL_BUCKET = 256  # static decode, full mode: attend over the used slots rounded up to this (one graph per bucket)
+STOP_EVERY = 16    # static decode: the host checks "every sequence stopped" (a sync) once per this many steps
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, top_p=1.0, window=None, adapter=None,
-             generator=None, pad_id=0, on_token=None) -> Generation:
+             generator=None, pad_id=0, on_token=None, static=None, cuda_graph=True) -> Generation:
     """Batched decode under cache policy D. prompts: list of token-id lists (any lengths; left-padded).
     window=None: full cache; window=W: W thought slots, evicting the oldest ceil(W/4) when full.
     adapter (pte.py): reset(B) before prefill, fold(K_e, V_e) at each eviction event (PTE's Eq. 4/6).
-    on_token(tok (B,)): called with every sampled token (the CLI streams with it)."""
+    on_token(tok (B,)): called with every sampled token (the CLI streams with it).
+    static: the decode step with static shapes (decode_one_token), default on CUDA; otherwise the dynamic step,
+    which attends over the used prefix of the cache only (faster eagerly, the default on CPU). Same tokens and
+    log-probs either way (tests/test_static.py). cuda_graph=False runs the static step eagerly (debugging)."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (got {temperature})")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
     device = next(model.parameters()).device
     idx, plens = left_pad(prompts, pad_id, device)
     B = len(prompts)
     cache = model.new_cache(plens, max_new_tokens, window)
     if adapter is not None:
         adapter.reset(B)
+    if static is None:
+        static = device.type == "cuda"
+    if static:
+        return generate_static(model, idx, cache, max_new_tokens, stop_ids, temperature, top_p, window, adapter,
+                               generator, pad_id, on_token, cuda_graph and device.type == "cuda")
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, dtype=logprob_dtype(next(model.parameters()).dtype), device=device)
@@ -395,13 +414,129 @@ def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, top_p=1.
         if t == max_new_tokens - 1 or bool(done.all()):  # the one host sync per token: the stop check
             break
         if cache.needs_evict():  # policy D: make room before the next thought token is appended
-            K_e, V_e, _ = cache.evict()
+            K_e, V_e, pos_e = cache.evict()
             if adapter is not None:
-                adapter.fold(K_e, V_e)
+                adapter.fold(K_e, V_e, pos_e)
         logits = model(tok[:, None], cache)[:, -1]
-    ev = torch.tensor(eviction_steps(window, max_new_tokens), dtype=torch.long, device=device)
-    evictions = (ev[None, :] <= lengths[:, None] - 2).sum(-1)  # events before the last token that mattered
-    return Generation(tokens, lengths, logprobs, ~done, evictions, cache.nbytes())
+    return Generation(tokens, lengths, logprobs, ~done, evictions_before_end(window, max_new_tokens, lengths),
+                      cache.nbytes())
+
+
+def evictions_before_end(window, max_new_tokens, lengths):
+    ev = torch.tensor(eviction_steps(window, max_new_tokens), dtype=torch.long, device=lengths.device)
+    return (ev[None, :] <= lengths[:, None] - 2).sum(-1)  # events before the last token that mattered
+
+
+# -----------------------------------------------------------------------------------------------------------
+# static decode: one step with fixed shapes, replayed as a CUDA graph (the decode_one_token / decode_n_tokens
+# split of gpt-fast). On an H100 a 3B model's eager step costs ~27 ms at batch 1 and 64 alike (Python and kernel
+# launches), the same step as one CUDA graph ~5 ms.
+
+@dataclass
+class DecodeState:
+    """Everything the static step reads and writes, in buffers allocated once per generate() call."""
+    tok: torch.Tensor       # (B,) the last sampled token: the one fed next
+    i: torch.Tensor         # (1,) its index in the completion = its thought index (a device counter)
+    tokens: torch.Tensor    # (B, N) as in Generation
+    logprobs: torch.Tensor  # (B, N)
+    lengths: torch.Tensor   # (B,)
+    done: torch.Tensor      # (B,) stop token sampled
+    stop: torch.Tensor      # (n_stop,) stop ids
+
+
+def record(st: DecodeState, tok, lp, pad_id):
+    """Store token st.i (forced to pad once a sequence has stopped) and update the stop state, on the device."""
+    tok = torch.where(st.done, pad_id, tok)
+    st.tokens.index_copy_(1, st.i, tok[:, None])
+    st.logprobs.index_copy_(1, st.i, torch.where(st.done, 0.0, lp).to(st.logprobs.dtype)[:, None])
+    newly = ~st.done & (tok[:, None] == st.stop).any(-1)  # torch.isin without its data-dependent paths
+    st.lengths.copy_(torch.where(newly, st.i + 1, st.lengths))
+    st.done.logical_or_(newly)
+    st.tok.copy_(tok)
+
+
+def decode_one_token(model, cache, st: DecodeState, n_attend, temperature, top_p, generator, pad_id):
+    """Feed token st.i, sample token st.i + 1 and record it. Fixed shapes, no host sync, no Python number that
+    changes per step: capturable as one CUDA graph per (batch, n_attend)."""
+    pos, mask = cache.prepare_static(st.i, n_attend)
+    logits = model(st.tok[:, None], cache, pos=pos, mask=mask)[:, -1]
+    st.i.add_(1)
+    tok, lp = sample(logits, temperature, top_p, generator)
+    record(st, tok, lp, pad_id)
+
+
+class GraphedStep:
+    """decode_one_token as CUDA graphs, one per attended length: window mode one (all P + W slots), full mode one per
+    FULL_BUCKET. The first step at a new length runs eagerly on a side stream (it warms up cuBLAS and lazily
+    initialised kernels, which must not happen during capture) and is then captured; later steps replay.
+
+    Why torch.cuda.CUDAGraph and not torch.compile(mode="reduce-overhead"): the step samples with the caller's
+    torch.Generator, which a graph takes as a registered generator state (register_generator_state: each replay
+    advances its Philox offset exactly as the eager step would), while dynamo does not trace Generator arguments;
+    the step also mutates the cache, the adapters' S and the outputs in place, which cudagraph trees copy or refuse;
+    and compiling a 36-layer model takes minutes per shape. Eager code stays the code that runs, and the graph is
+    captured per generate() call (the buffers it reads are that call's), a cost of about one eager step per shape."""
+    def __init__(self, step, generator):
+        self.step, self.generator, self.graphs, self.pool = step, generator, {}, None
+
+    def __call__(self, n_attend):
+        g = self.graphs.get(n_attend)
+        if g is not None:
+            g.replay()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step(n_attend)  # this step's real work, eagerly
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        if self.generator is not None:  # the default generator is registered by capture itself
+            g.register_generator_state(self.generator)
+        with torch.cuda.graph(g, pool=self.pool):  # records the next steps' work; runs nothing
+            self.step(n_attend)
+        self.pool = self.pool or g.pool()  # buckets replay in capture order, never concurrently: one memory pool
+        self.graphs[n_attend] = g
+
+
+def generate_static(model, idx, cache, N, stop_ids, temperature, top_p, window, adapter, generator, pad_id,
+                    on_token, cuda_graph):
+    """generate()'s decode loop with the static step (decode_n_tokens). Eviction and PTE's fold stay outside the
+    step, on the host (once per ceil(W/4) steps; the schedule depends only on the token count), writing into the
+    buffers the step reads (the cache in place; Adapters copies S into fixed buffers under no_grad)."""
+    B, device = idx.shape[0], idx.device
+    st = DecodeState(tok=torch.zeros(B, dtype=torch.long, device=device),
+                     i=torch.zeros(1, dtype=torch.long, device=device),
+                     tokens=torch.full((B, N), pad_id, dtype=torch.long, device=device),
+                     logprobs=torch.zeros(B, N, device=device, dtype=logprob_dtype(next(model.parameters()).dtype)),
+                     lengths=torch.full((B,), N, dtype=torch.long, device=device),
+                     done=torch.zeros(B, dtype=torch.bool, device=device),
+                     stop=torch.tensor(sorted(stop_ids), dtype=torch.long, device=device))
+    logits = model.lm_head(model(idx, cache, hidden_only=True)[:, -1])  # prefill (dynamic shapes, eager)
+    record(st, *sample(logits, temperature, top_p, generator), pad_id)  # token 0
+    if on_token is not None:
+        on_token(st.tokens[:, 0])
+
+    def step(n_attend):
+        decode_one_token(model, cache, st, n_attend, temperature, top_p, generator, pad_id)
+
+    run = GraphedStep(step, generator) if cuda_graph else step
+    S = cache.k.shape[3]
+    # tokens after a sequence's stop are forced to pad, so checking less often changes no output; a streaming
+    # caller (on_token) syncs every step anyway
+    check = 1 if on_token is not None else STOP_EVERY
+    for t in range(N - 1):  # t: index of the last sampled token, fed now
+        if t % check == 0 and bool(st.done.all()):
+            break
+        if cache.needs_evict():  # policy D, outside the graph: evict, then fold into the adapters' S buffers
+            K_e, V_e, pos_e = cache.evict()
+            if adapter is not None:
+                adapter.fold(K_e, V_e, pos_e)
+        cache.advance(1)
+        run(S if window is not None else min(S, -(-cache.n_fed // FULL_BUCKET) * FULL_BUCKET))
+        if on_token is not None:
+            on_token(st.tokens[:, t + 1])
+    return Generation(st.tokens, st.lengths, st.logprobs, ~st.done, evictions_before_end(window, N, st.lengths),
+                      cache.nbytes())
 
 
 def reset_peak_memory(device):
@@ -436,15 +571,19 @@ def main(argv=None):
                     help="float32 | bfloat16 | float64 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-cuda-graph", action="store_true",
+                    help="CUDA: run the static decode step eagerly instead of replaying it as a CUDA graph (debugging)")
     args = ap.parse_args(argv)
     try:
-        window = None if args.window == "full" else int(args.window)
-        if window is not None and window < 1:
-            raise ModelError(f"--window must be >= 1 or 'full' (got {window})")
+        window = parse_window(args.window)
         if args.max_new_tokens < 1:
             raise ModelError("--max-new-tokens must be >= 1")
+        if not args.temperature >= 0:
+            raise ModelError(f"--temperature must be >= 0 (0 = greedy; got {args.temperature})")
+        if not 0 < args.top_p <= 1:
+            raise ModelError(f"--top-p must be in (0, 1] (got {args.top_p})")
         model, tok = load_model(args.model, args.dtype, args.device)
-    except ValueError as e:  # ModelError, and int('abc')
+    except ValueError as e:  # ModelError, and a bad --window
         print(f"error: {e}", file=sys.stderr)
         return 2
     msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
@@ -462,7 +601,7 @@ def main(argv=None):
             shown = text
 
     out = generate(model, [ids], args.max_new_tokens, tok.stop_ids, args.temperature, args.top_p, window,
-                   generator=g, pad_id=tok.pad_id, on_token=stream)
+                   generator=g, pad_id=tok.pad_id, on_token=stream, cuda_graph=not args.no_cuda_graph)
     n = int(out.lengths[0])
     print(tok.decode(out.tokens[0, :n].tolist())[len(shown):])
     print(f"[{n} tokens, {int(out.evictions[0])} eviction events, KV cache {out.kv_bytes / 2**20:.1f} MiB]",

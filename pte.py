@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import apply_rope, eviction_steps, left_pad, logprob_dtype, rope_cos_sin
+from cache import eviction_steps
+from model import apply_rope, left_pad, logprob_dtype, rope_cos_sin
 
 METHODS = ("lora", "lora_c", "pte")
 STATE_UPDATES = ("literal", "unit", "scaled", "gated", "unit_gated")
@@ -247,6 +248,7 @@ class Adapters(nn.Module):
         self.to(device=p.device, dtype=adapter_dtype(p.dtype))
         self.register_buffer("inv_freq", model.inv_freq.clone(), persistent=False)  # to undo RoPE (fold_keys)
         self.S = None  # the chain of states (one (B, r, r) per layer) of the sequence batch being processed
+        self.S_buffers = None  # no_grad generation: S lives here, updated in place (a CUDA graph reads these)
         self.base_cfg, self.base_name = model.cfg, getattr(model, "name_or_path", None)  # for checkpoint.py
 
     @property
@@ -264,7 +266,7 @@ class Adapters(nn.Module):
     def reset(self, B):
         """State is per rollout: reset for every sequence (paper-method.md §2.4)."""
         self.S = [la.initial_state(B) for la in self.layers] if self.is_pte else None
-        self.activate(self.S)
+        self.settle()
 
     def fold(self, K_e, V_e, pos_e=None):
         """One eviction event. K_e, V_e (L, B, H_kv, E, D), pos_e (B, E) from cache.evict(); heads concatenated
@@ -282,6 +284,19 @@ class Adapters(nn.Module):
         flat = lambda X: X.transpose(2, 3).reshape(L, B, E, H * D).to(dt)  # (L, B, E, d_kv)
         K_e, V_e = flat(K_e), flat(V_e)
         self.S = [la.update(S, K_e[i], V_e[i]) for i, (la, S) in enumerate(zip(self.layers, self.S))]
+        self.settle()
+
+    def settle(self):
+        """Activate the new S. Under no_grad (generation) it is copied into fixed per-layer buffers that
+        LoRALinear reads, so the captured decode step (model.GraphedStep) sees every fold; with autograd
+        (replay) the chain itself is activated."""
+        if self.S is not None and not torch.is_grad_enabled():
+            if self.S_buffers is None or any(b.shape != S.shape or b.dtype != S.dtype or b.device != S.device
+                                             for b, S in zip(self.S_buffers, self.S)):
+                self.S_buffers = [S.new_empty(S.shape) for S in self.S]
+            for b, S in zip(self.S_buffers, self.S):
+                b.copy_(S)
+            self.S = self.S_buffers
         self.activate(self.S)
 
 

@@ -3,8 +3,8 @@ memory is fixed, evict() hands back the right keys/values/positions, and the hea
 import pytest
 import torch
 
-from cache import EMPTY, KVCache
-from model import apply_rope, eviction_steps, generate, load_model, rope_cos_sin
+from cache import EMPTY, KVCache, eviction_steps
+from model import apply_rope, generate, load_model, rope_cos_sin
 
 # The window must equal the explicit mask exactly; float64 tests that (tolerance 1e-9; measured: 0). One fp32
 # case per property stays, with a tolerance derived from measurement: over every case here, worst |window -

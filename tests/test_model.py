@@ -170,3 +170,10 @@ def test_cli_bad_input_one_line_error(tmp_path, qwen_dir, case):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "-1"), ("--top-p", "2"), ("--top-p", "0")])
+def test_cli_refuses_bad_sampling_arguments(qwen_dir, flag, value):
+    r = run_cli("--model", str(qwen_dir), "--prompt", "hi", "--max-new-tokens", "4", flag, value)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {flag} must be"), r.stderr

@@ -88,7 +88,8 @@ def plain_update(la, S, Sp, m):
 def plain_replay_loss(model, ad, prompts, tokens, window, weights):
     """The same computation in one autograd graph (memory-hungry): states by plain autograd, no leaves, one
     backward. Carried K/V are detached exactly as in replay (cache.update keeps detached copies)."""
-    from model import eviction_steps, left_pad
+    from cache import eviction_steps
+    from model import left_pad
     idx, plens = left_pad(prompts, 0, "cpu")
     B, T = tokens.shape
     cache = model.new_cache(plens, T, window)
