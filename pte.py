@@ -6,17 +6,17 @@ Three methods behind one switch, as in the paper's Table 1 (the base model is fr
     lora_c  static LoRA under the sliding-window cache      (naive cache truncation)
     pte     LoRA whose core is a per-layer state S that absorbs every evicted thought token
 
-PTE, per layer l and per sequence (shapes with d_kv = n_kv_heads * head_dim, r = LoRA rank; paper-method.md §2):
+PTE, per layer l and per sequence (shapes with d_kv = n_kv_heads * head_dim, r = LoRA rank; README choices 4-5):
     q_g (r, d_kv)  learnable global query          W_Q_a, W_K_a, W_V_a (r, d_kv)  projections d_kv -> r
     k_g, v_g (n_g, d_kv)  learnable global tokens
     S0 = Normalize((W_Q_a q_g)(W_K_a k_g)^T (W_V_a v_g))              Eq. 7   (n_g = 0  =>  S0 = 0)
     at each eviction event with evicted K_e, V_e (m, d_kv):
     S' = (W_Q_a q_g)(W_K_a K_e)^T (W_V_a V_e)                          Eq. 4   (r, r)
-    S  = Normalize(S + S' / (m sqrt(d_kv)))                            Eq. 6   (paper: S + S'; see LayerAdapter.update)
+    S  = Normalize(S + S')                                             Eq. 6   (flags: LayerAdapter.update)
     y  = W x + (alpha/r) A S B x,   A (d_out, r), B (r, d_in)          Eq. 5   (Delta W = A S B, never materialised)
 Plain LoRA is the same adapter with S = I (y = W x + (alpha/r) A B x).
 
-Replay (paper-method.md §3.2, §7-A8): GRPO needs log pi(y_t) with gradients, under the same cache policy and the
+Replay (README choice 10): GRPO needs log pi(y_t) with gradients, under the same cache policy and the
 same S as the rollout. `replay` teacher-forces the completion segment by segment (a segment = the tokens between
 two eviction events); each segment attends to the prompt, the retained window and its own earlier tokens. Carried
 and evicted K/V are detached (truncated BPTT); the tiny chain of states S stays differentiable: every segment
@@ -54,12 +54,12 @@ class AdapterError(ValueError):
 class AdapterConfig:
     method: str = "pte"           # lora | lora_c | pte
     rank: int = 32                # r, the same for every method (fair comparison; paper: 32)
-    alpha: float | None = None    # LoRA scale alpha/r; paper silent, None => alpha = r, scale 1 (§7-A10)
-    targets: str = "qkvo"         # qkvo | all-linear; paper silent (§7-A4), same set for every method
+    alpha: float | None = None    # LoRA scale alpha/r; paper silent, None => alpha = r, scale 1 (README choice 9)
+    targets: str = "qkvo"         # qkvo | all-linear; paper silent (README choice 5), same set for every method
     n_global: int = 32            # global tokens n_g seeding S0 (Eq. 7); 0 => S0 = 0 (ablation "#Global-0")
     global_only: bool = False     # ablation "Global-Only": S stays S0, evictions are not folded in
     state_softmax: bool = False   # Eq. 4 with softmax(Q K^T / sqrt(r)) V: a stability variant, not the paper's form
-    normalize: str = "row"        # Eq. 6's Normalize, undefined in the paper: row-wise L2 (§7-A6) | frobenius | none
+    normalize: str = "row"        # Eq. 6's Normalize, undefined in the paper: row-wise L2 (README choice 7) | frobenius | none
     state_update: str = "literal"  # Eq. 6's S' weight: literal | scaled | unit | gated | unit_gated (README choice 8)
     gate_init: float = 0.25        # unit_gated: initial weight of Normalize(S') against the normalised S
     fold_keys: str = "rotated"     # keys folded by Eq. 4: rotated (as cached, post-RoPE) | unrotated (RoPE undone)
@@ -94,7 +94,7 @@ def adapter_dtype(model_dtype):
 class LoRA(nn.Module):
     def __init__(self, d_in, d_out, r):
         super().__init__()
-        self.A = nn.Parameter(torch.zeros(d_out, r))  # zero: the adapted model equals the base at step 0 (§7-A11)
+        self.A = nn.Parameter(torch.zeros(d_out, r))  # zero: the adapted model equals the base at step 0 (README choice 9)
         self.B = nn.Parameter(torch.empty(r, d_in))
         nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
 
@@ -119,26 +119,6 @@ class LoRALinear(nn.Module):
         return y + self.scale * (h @ lora.A.T.to(x.dtype))
 
 
-class _LinearState(torch.autograd.Function):
-    """Eq. 4 without softmax, S' = Q (K_e W_K^T)^T (V_e W_V^T), with a lean backward. Autograd would save K_e and
-    V_e ((m, d_kv) per event: the whole evicted KV stream over a replay); we save only (r, d_kv) statistics."""
-    @staticmethod
-    def forward(ctx, Q, W_K, W_V, K_e, V_e):  # Q (r, r); W_K, W_V (r, d); K_e, V_e (B, m, d), no grad
-        Kp, Vp = K_e @ W_K.T, V_e @ W_V.T     # (B, m, r)
-        C = Kp.transpose(1, 2) @ Vp           # (B, r, r)
-        ctx.save_for_backward(Q, C, Vp.transpose(1, 2) @ K_e, Kp.transpose(1, 2) @ V_e)  # X, Y (B, r, d)
-        return Q @ C
-
-    @staticmethod
-    def backward(ctx, gS):  # gS (B, r, r)
-        Q, C, X, Y = ctx.saved_tensors
-        gC = Q.T @ gS                                   # dL/dC
-        gQ = (gS @ C.transpose(1, 2)).sum(0)
-        gW_K = (gC @ X).sum(0)                          # dL/dKp = Vp gC^T  ->  dL/dW_K = gC Vp^T K_e
-        gW_V = (gC.transpose(1, 2) @ Y).sum(0)          # dL/dVp = Kp gC    ->  dL/dW_V = gC^T Kp^T V_e
-        return gQ, gW_K, gW_V, None, None
-
-
 class LayerAdapter(nn.Module):
     """One decoder layer's adapters: a LoRA per target module and, for PTE, the context-state encoder."""
     def __init__(self, cfg: AdapterConfig, shapes: dict, d_kv: int):
@@ -147,7 +127,7 @@ class LayerAdapter(nn.Module):
         self.lora = nn.ModuleDict({name: LoRA(d_in, d_out, r) for name, (d_in, d_out) in shapes.items()})
         self.enabled, self.S_active = True, None
         if cfg.method == "pte":
-            self.q_g = nn.Parameter(torch.randn(r, d_kv) * 0.02)      # global query (§7-A11: N(0, 0.02^2))
+            self.q_g = nn.Parameter(torch.randn(r, d_kv) * 0.02)      # global query (README choice 9: N(0, 0.02^2))
             self.k_g = nn.Parameter(torch.randn(cfg.n_global, d_kv) * 0.02)  # global tokens (Eq. 7)
             self.v_g = nn.Parameter(torch.randn(cfg.n_global, d_kv) * 0.02)
             self.W_Q_a, self.W_K_a, self.W_V_a = (nn.Parameter(nn.init.xavier_uniform_(torch.empty(r, d_kv)))
@@ -164,15 +144,15 @@ class LayerAdapter(nn.Module):
         return S
 
     def encode(self, K_e, V_e):
-        """Eq. 4: K_e, V_e (B, m, d_kv) -> S' (B, r, r). Note (issue #3 quick run): the literal, unnormalised S'
-        can dwarf the normalised S; it trained at lr 1e-3 and diverged at 3e-3 on the toy recall task."""
+        """Eq. 4: K_e, V_e (B, m, d_kv) -> S' = Q (K_e W_K_a^T)^T (V_e W_V_a^T) (B, r, r), Q = W_Q_a q_g."""
         Q = self.q_g @ self.W_Q_a.T  # (r, r): one row per global-query vector
-        if not self.cfg.state_softmax and not K_e.requires_grad:  # evicted K/V (detached): the lean path
-            return _LinearState.apply(Q, self.W_K_a, self.W_V_a, K_e, V_e)
-        Kp, Vp = K_e @ self.W_K_a.T, V_e @ self.W_V_a.T  # (B, m, r); global tokens k_g, v_g take this path
-        if self.cfg.state_softmax:
+        if self.cfg.state_softmax:  # the variant (README choice 6), not the paper's form
+            Kp, Vp = K_e @ self.W_K_a.T, V_e @ self.W_V_a.T  # (B, m, r)
             return torch.softmax(Q @ Kp.transpose(1, 2) / math.sqrt(Q.shape[-1]), -1) @ Vp
-        return Q @ (Kp.transpose(1, 2) @ Vp)
+        if K_e.requires_grad:  # the global tokens k_g, v_g (Eq. 7): plain autograd
+            Kp, Vp = K_e @ self.W_K_a.T, V_e @ self.W_V_a.T
+            return Q @ (Kp.transpose(1, 2) @ Vp)
+        return _LinearState.apply(Q, self.W_K_a, self.W_V_a, K_e, V_e)  # evicted K/V: the same value, less memory
 
     def update(self, S, K_e, V_e):
         """Eq. 6, one event: S (B, r, r), evicted K_e, V_e (B, m, d_kv) -> Normalize(S + w * S'), S' = Eq. 4.
@@ -225,6 +205,27 @@ class LayerAdapter(nn.Module):
         return self.normalize(self.encode(self.k_g[None], self.v_g[None])).expand(B, r, r)  # Eq. 7
 
 
+class _LinearState(torch.autograd.Function):
+    """Eq. 4 for evicted K/V: the same value as LayerAdapter.encode's plain form, S' = Q (K_e W_K^T)^T (V_e W_V^T),
+    with less memory. Autograd would save K_e and V_e ((m, d_kv) per event: the whole evicted KV stream over a
+    replay); this saves only (r, d_kv) statistics per event (README choice 10)."""
+    @staticmethod
+    def forward(ctx, Q, W_K, W_V, K_e, V_e):  # Q (r, r); W_K, W_V (r, d); K_e, V_e (B, m, d), no grad
+        Kp, Vp = K_e @ W_K.T, V_e @ W_V.T     # (B, m, r)
+        C = Kp.transpose(1, 2) @ Vp           # (B, r, r)
+        ctx.save_for_backward(Q, C, Vp.transpose(1, 2) @ K_e, Kp.transpose(1, 2) @ V_e)  # X, Y (B, r, d)
+        return Q @ C
+
+    @staticmethod
+    def backward(ctx, gS):  # gS (B, r, r)
+        Q, C, X, Y = ctx.saved_tensors
+        gC = Q.T @ gS                                   # dL/dC
+        gQ = (gS @ C.transpose(1, 2)).sum(0)
+        gW_K = (gC @ X).sum(0)                          # dL/dKp = Vp gC^T  ->  dL/dW_K = gC Vp^T K_e
+        gW_V = (gC.transpose(1, 2) @ Y).sum(0)          # dL/dVp = Kp gC    ->  dL/dW_V = gC^T Kp^T V_e
+        return gQ, gW_K, gW_V, None, None
+
+
 class Adapters(nn.Module):
     """Wraps the target linears of `model` in place (base stays frozen) and owns every trainable parameter.
     Also the `adapter` object model.generate() drives: reset(B) before prefill, fold(K_e, V_e) per eviction."""
@@ -259,18 +260,23 @@ class Adapters(nn.Module):
         for la in self.layers:
             la.enabled = on
 
-    def activate(self, states):  # the S each LoRALinear reads; None = plain LoRA
+    def activate(self, states):
+        """The S each LoRALinear reads. None: lora/lora_c read none (plain LoRA); PTE layers read S0 (Eq. 7), the
+        state before any eviction, so a forward outside generate/replay (or after a replay) is still PTE's."""
+        if states is None and self.is_pte:
+            with torch.no_grad():
+                states = [la.initial_state(1) for la in self.layers]
         for la, S in zip(self.layers, states or [None] * len(self.layers)):
             la.S_active = S
 
     def reset(self, B):
-        """State is per rollout: reset for every sequence (paper-method.md §2.4)."""
+        """State is per rollout: reset for every sequence (S and Delta W never carry over between prompts)."""
         self.S = [la.initial_state(B) for la in self.layers] if self.is_pte else None
         self.settle()
 
     def fold(self, K_e, V_e, pos_e=None):
         """One eviction event. K_e, V_e (L, B, H_kv, E, D), pos_e (B, E) from cache.evict(); heads concatenated
-        (§7-A7). The cache holds post-RoPE keys; fold_keys="unrotated" rotates them back by -pos_e first (the
+        (README choice 5). The cache holds post-RoPE keys; fold_keys="unrotated" rotates them back by -pos_e first (the
         global query q_g has no position), and then needs pos_e."""
         if not self.is_pte or self.cfg.global_only:
             return
@@ -306,11 +312,12 @@ class Adapters(nn.Module):
 def token_logprobs(model, h, targets, temperature=1.0, chunk=256):
     """h (B, n, d) final hidden states, targets (B, n) -> log pi(target) (B, n), fp32. Full-vocabulary logits
     exist for `chunk` positions at a time only; under autograd each chunk is recomputed in backward."""
-    W = model.lm_head.weight
-    T = temperature if temperature > 0 else 1.0
+    lm_head = model.lm_head.weight
+    temp = temperature if temperature > 0 else 1.0
 
     def f(h_c, t_c):
-        return torch.log_softmax((h_c @ W.T).to(logprob_dtype(h_c.dtype)) / T, -1).gather(-1, t_c[..., None])[..., 0]
+        logits = (h_c @ lm_head.T).to(logprob_dtype(h_c.dtype))
+        return torch.log_softmax(logits / temp, -1).gather(-1, t_c[..., None])[..., 0]
 
     out = []
     for i in range(0, h.shape[1], chunk):

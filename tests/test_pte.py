@@ -226,3 +226,19 @@ def test_adapter_gradients_accumulate_in_fp32_on_a_bf16_model(qwen_dir):
     rel = max(float((p.grad.double() - ref[n]).norm() / ref[n].norm()) for n, p in ad.named_parameters())
     assert rel < 1e-3, rel
 
+
+
+def test_after_a_replay_pte_layers_read_S0(qwen_dir):
+    """A forward outside generate/replay (e.g. after a training replay) runs PTE with S0 (Eq. 7), not with S = I."""
+    model, tok = load_model(str(qwen_dir), torch.float64)
+    ad = Adapters(model, AdapterConfig(method="pte", rank=4, n_global=3))
+    randomize(ad)
+    P = prompts_for(1)
+    out = generate(model, P, 20, [], window=6, adapter=ad, pad_id=tok.pad_id)
+    replay(model, ad, P, out.tokens, window=6, loss_fn=lambda lp, t0, t1: lp.sum())
+    x = torch.tensor([P[1]])
+    after = model(x)
+    ad.reset(1)
+    assert (after - model(x)).abs().max() < 1e-12  # S0 is what reset(1) activates
+    ad.activate([torch.eye(4, dtype=torch.float64)[None]] * len(ad.layers))
+    assert (after - model(x)).abs().max() > 1e-3  # and it is not plain LoRA
