@@ -1,5 +1,5 @@
 """
-cache.py: the KV cache of the paper's cache policy D (Section 3, Eq. 1; paper-method.md §1.2, §7-A2/A12).
+cache.py: the KV cache of the paper's cache policy D (Section 3, Eq. 1; README choices 2-3).
 
 One object holds the keys and values of every layer for a batch of sequences, in preallocated buffers:
 
@@ -13,7 +13,7 @@ teacher forcing: events happen before thought tokens t = W, W+E, W+2E, ...  `evi
 and values of every layer (with their positions) so that PTE (pte.py) can fold them into its state S.
 
 Positions. Every token keeps its original absolute position (no StreamingLLM re-indexing; paper silent,
-paper-method.md §7-A12). Keys are stored after RoPE, so nothing is ever re-rotated. Worked example with a
+README choice 3). Keys are stored after RoPE, so nothing is ever re-rotated. Worked example with a
 prompt of 3 tokens (positions 0,1,2), W = 4, E = ceil(4/4) = 1:
 
     after prefill and thought tokens t0..t3:  prompt [0 1 2]  ring [3 4 5 6]      (4 thoughts held: full)
@@ -41,7 +41,7 @@ EMPTY = 2 ** 62  # position of a slot that holds nothing: never <= any query pos
 
 
 def n_evict(window: int) -> int:
-    """Tokens evicted per event: 25% of the thought window (paper: "25% of tokens are evicted"; §7-A2)."""
+    """Tokens evicted per event: 25% of the thought window (paper: "25% of tokens are evicted"; README choice 2)."""
     return math.ceil(window / 4)
 
 
@@ -82,13 +82,14 @@ class KVCache:
         self.window, self.P = window, P
         self.mode = "full" if window is None else "window"
         self.W = max_new_tokens if window is None else window  # thought slots
-        S = P + self.W
-        self.k = torch.zeros(n_layers, B, n_kv_heads, S, head_dim, dtype=dtype, device=device)
+        n_slots = P + self.W
+        self.k = torch.zeros(n_layers, B, n_kv_heads, n_slots, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.slot_pos = torch.full((B, S), EMPTY, dtype=torch.long, device=device)  # position held by each slot
+        self.slot_pos = torch.full((B, n_slots), EMPTY, dtype=torch.long, device=device)  # position held by each slot
         self.n_fed = 0          # tokens fed so far: prompt slots first (P of them), then thought tokens
         self.n_evicted = 0      # thought tokens evicted so far
         self.slots = None       # slots of the chunk being written (set by prepare, read by update)
+        self.n_used = 0         # slots attention reads: the used prefix [0, n_used) (set by prepare)
 
     @property
     def n_thought(self):  # thought tokens appended so far
@@ -112,7 +113,7 @@ class KVCache:
         return K_e, V_e, pos_e
 
     def prepare(self, T):
-        """Reserve slots for the next T tokens. Returns (q_pos (B, T) for RoPE, mask (B, 1, T, S) bool)."""
+        """Reserve slots for the next T tokens. Returns (q_pos (B, T) for RoPE, mask (B, 1, T, n_used) bool)."""
         dev = self.k.device
         i = torch.arange(self.n_fed, self.n_fed + T, device=dev)  # index in the [padded prompt; thoughts] stream
         is_prompt = i < self.P

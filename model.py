@@ -108,8 +108,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        dtype = x.dtype  # normalise in fp32 (fp64 stays fp64), as the reference implementation does
-        x = x.to(torch.promote_types(dtype, torch.float32))
+        dtype = x.dtype  # normalise in fp32 whatever the dtype (fp64 too), exactly as transformers does
+        x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -159,7 +159,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd): prompt + window (+ this chunk)
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, n_used, hd): prompt + window (+ this chunk)
         # an explicit mask whenever a cache is involved: SDPA's is_causal is top-left aligned when T < S
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.nkv != self.nh)
@@ -290,15 +290,18 @@ def from_state_dict(cfg: ModelConfig, sd: dict, device) -> Transformer:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
     model = model.to(device).eval().requires_grad_(False)
-    if device.type == "cpu":
-        # Store every linear weight (out, in) column-major, i.e. as a contiguous W^T: F.linear then runs the plain
-        # x @ W^T GEMM (no transposed operand), which for decode's few rows is much faster on CPU (MKL) than the
-        # transposed-B GEMM that row-major weights get. Same values, shapes, names and autograd: only the strides.
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight = nn.Parameter(mod.weight.t().contiguous().t(), requires_grad=False)
-        if cfg.tie_word_embeddings:
-            model.model.embed_tokens.weight = model.lm_head.weight
+    return column_major_linears(model) if device.type == "cpu" else model
+
+
+def column_major_linears(model: Transformer) -> Transformer:
+    """Store every linear weight (out, in) column-major, i.e. as a contiguous W^T: F.linear then runs the plain
+    x @ W^T GEMM (no transposed operand), which for decode's few rows is much faster on CPU (MKL) than the
+    transposed-B GEMM that row-major weights get. Same values, shapes, names and autograd: only the strides."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            mod.weight = nn.Parameter(mod.weight.t().contiguous().t(), requires_grad=False)
+    if model.cfg.tie_word_embeddings:  # lm_head got a new tensor: the embedding follows it
+        model.model.embed_tokens.weight = model.lm_head.weight
     return model
 
 
