@@ -57,7 +57,8 @@ from cache import parse_window
 from checkpoint import fingerprint, load_adapters, read_adapter_meta
 from data import (BENCHMARKS, PROMPT_STYLES, DataError, encode_prompt, extract_answer, is_correct,
                   load_benchmark)
-from model import DEFAULT_MODEL, DTYPES, ModelError, generate, load_model, peak_memory, reset_peak_memory
+from model import (DEFAULT_MODEL, DTYPES, ModelError, batch_that_fits, generate, load_model, peak_memory,
+                   reset_peak_memory)
 from pte import AdapterError
 
 PAPER_BENCHMARKS = ("math500", "olympiadbench", "amc23", "aime24", "aime25", "minerva")
@@ -149,6 +150,9 @@ def evaluate_window(model, tok, adapters, items, window, settings, out_file, bat
     from tqdm import tqdm
     device = next(model.parameters()).device
     items = sorted(items, key=lambda it: (-len(it["ids"]), it["key"]))
+    if batch_size is None:  # CUDA: as many as fit (the window keeps each small); CPU: 32
+        slots = len(items[0]["ids"]) + min(window or settings["max_new_tokens"], settings["max_new_tokens"])
+        batch_size = batch_that_fits(model, slots) or 32
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     new = []
     bar = tqdm(batches, desc=f"window {window_label(window)}", unit="batch", file=sys.stderr)
@@ -336,7 +340,7 @@ def print_plan(model, tok, adapters, items, windows, settings, batch_size):  # i
     line = f"plan: {n:,} completions to generate ({bench or 'all cached'}; {len(windows)} window(s)), " \
            f"at most {n * T:,} new tokens"
     if items:
-        batch = [it["ids"] for it in items[:batch_size]]
+        batch = [it["ids"] for it in items[:batch_size or 32]]
         g = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
         generate(model, batch[:1], 2, [], adapter=adapters, generator=g, pad_id=tok.pad_id)  # load kernels
         t0 = time.perf_counter()
@@ -488,7 +492,8 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None, help="offline JSONL copies (or env PTE_DATA_DIR); "
                     "default: the hub")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per generate call (default: on CUDA "
+                    "as many as half the free memory holds at the window; else 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt-style", default=None, help=f"{' | '.join(PROMPT_STYLES)}")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 "

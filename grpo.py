@@ -61,7 +61,8 @@ import data
 from cache import parse_window
 from checkpoint import (CheckpointError, checkpoints, load_checkpoint_adapters, read_checkpoint, restore,
                         save_checkpoint)
-from model import DEFAULT_MODEL, ModelError, generate, load_model, peak_memory, reset_peak_memory
+from model import (DEFAULT_MODEL, ModelError, batch_that_fits, generate, load_model, peak_memory,
+                   reset_peak_memory)
 from pte import FOLD_KEYS, STATE_UPDATES, AdapterConfig, AdapterError, Adapters, replay
 
 
@@ -423,19 +424,16 @@ def rollout_seed(seed, step, index):
 
 
 def rollout_batch_size(cfg: GRPOConfig, model, n_responses, max_prompt):
-    """Responses per generate() call: --rollout-batch, else on CUDA as many as half the free memory holds (the
-    KV cache of prompt + window, plus the sampling's fp32 logits), else --micro-batch; always whole groups,
-    and never more than this rank's responses. A constant-memory window is what makes a large batch cheap."""
+    """Responses per generate() call: --rollout-batch, else on CUDA as many as half the free memory holds
+    (model.batch_that_fits: the KV cache of prompt + window), else --micro-batch; always whole groups, and never
+    more than this rank's responses. A constant-memory window is what makes a large batch cheap."""
     G = cfg.group_size
     n = cfg.rollout_batch or cfg.micro_batch
-    p = next(model.parameters())
-    if cfg.rollout_batch is None and p.device.type == "cuda":
-        c = model.cfg
+    if cfg.rollout_batch is None:
         W = {None: max_prompt, "max-question": max_prompt,
              "full": cfg.max_new_tokens}.get(cfg.window, cfg.window)
         slots = max_prompt + (cfg.max_new_tokens if cfg.method == "lora" else min(W, cfg.max_new_tokens))
-        per = 2 * c.n_layers * c.n_kv_heads * c.head_dim * slots * p.element_size() + 3 * 4 * c.vocab_size
-        n = int(0.5 * torch.cuda.mem_get_info(p.device)[0] // per)
+        n = batch_that_fits(model, slots) or n
     return min(max(G, n // G * G), n_responses)
 
 

@@ -542,6 +542,18 @@ def generate_static(model, idx, cache, N, stop_ids, temperature, top_p, window, 
                       cache.nbytes())
 
 
+def batch_that_fits(model, slots, frac=0.5):
+    """Sequences per generate() call on CUDA: as many as `frac` of the free memory holds, each with a KV cache of
+    `slots` slots (prompt + window, or + max new tokens with the full cache) plus the sampling's fp32 logits.
+    None on CPU (no such limit to size from): callers keep their own default."""
+    p = next(model.parameters())
+    if p.device.type != "cuda":
+        return None
+    c = model.cfg
+    per = 2 * c.n_layers * c.n_kv_heads * c.head_dim * slots * p.element_size() + 3 * 4 * c.vocab_size
+    return max(1, int(frac * torch.cuda.mem_get_info(p.device)[0] // per))
+
+
 def reset_peak_memory(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
