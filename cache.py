@@ -28,10 +28,10 @@ number), so one comparison `slot_pos <= q_pos` is the whole mask.
 Memory in window mode is fixed at construction: no allocation per step and no torch.cat per token.
 
 Static decode (model.decode_one_token, replayed as a CUDA graph): `prepare_static` is `prepare(1)` with fixed
-shapes and no Python number that changes per step: the thought index is a device tensor, the write slot and the
-position are computed from it on the device, and attention spans a fixed number of slots chosen by the caller
-(all P + W in window mode; the used prefix rounded up to a bucket in full mode). A replayed graph runs no Python,
-so the host counters that drive eviction are advanced separately (`advance`).
+shapes and no Python number that changes per step: the thought index is a device tensor, the write slot and
+the position are computed from it on the device, and attention spans a fixed number of slots chosen by the
+caller (all P + W in window mode; the used prefix rounded up to a bucket in full mode). A replayed graph runs
+no Python, so the host counters that drive eviction are advanced separately (`advance`).
 """
 import math
 
@@ -41,21 +41,23 @@ EMPTY = 2 ** 62  # position of a slot that holds nothing: never <= any query pos
 
 
 def n_evict(window: int) -> int:
-    """Tokens evicted per event: 25% of the thought window (paper: "25% of tokens are evicted"; README choice 2)."""
+    """Tokens evicted per event: 25% of the thought window
+    (paper: "25% of tokens are evicted"; README choice 2)."""
     return math.ceil(window / 4)
 
 
 def eviction_steps(window, n_tokens):
-    """The schedule of the rule above in closed form: the thought indices t before whose feeding an eviction event
-    happens, W, W+E, W+2E, ... (< n_tokens); none in full mode (window None). Replay segments on it (pte.py)."""
+    """The schedule of the rule above in closed form: the thought indices t before whose feeding an eviction
+    event happens, W, W+E, W+2E, ... (< n_tokens); none in full mode (window None). Replay segments on it
+    (pte.py)."""
     if window is None:
         return []
     return list(range(window, n_tokens, n_evict(window)))
 
 
 def parse_window(s, also=()):
-    """A --window value (every CLI): a positive int W, 'full' (-> None: the full cache), or one of `also`, returned
-    as given. Anything else is a ValueError with a one-line message."""
+    """A --window value (every CLI): a positive int W, 'full' (-> None: the full cache), or one of `also`,
+    returned as given. Anything else is a ValueError with a one-line message."""
     if s is None or s in also:
         return s
     if isinstance(s, str) and s.strip().lower() == "full":
@@ -85,7 +87,8 @@ class KVCache:
         n_slots = P + self.W
         self.k = torch.zeros(n_layers, B, n_kv_heads, n_slots, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.slot_pos = torch.full((B, n_slots), EMPTY, dtype=torch.long, device=device)  # position held by each slot
+        # position held by each slot
+        self.slot_pos = torch.full((B, n_slots), EMPTY, dtype=torch.long, device=device)
         self.n_fed = 0          # tokens fed so far: prompt slots first (P of them), then thought tokens
         self.n_evicted = 0      # thought tokens evicted so far
         self.slots = None       # slots of the chunk being written (set by prepare, read by update)
@@ -113,30 +116,37 @@ class KVCache:
         return K_e, V_e, pos_e
 
     def prepare(self, T):
-        """Reserve slots for the next T tokens. Returns (q_pos (B, T) for RoPE, mask (B, 1, T, n_used) bool)."""
+        """Reserve slots for the next T tokens.
+        Returns (q_pos (B, T) for RoPE, mask (B, 1, T, n_used) bool)."""
         dev = self.k.device
-        i = torch.arange(self.n_fed, self.n_fed + T, device=dev)  # index in the [padded prompt; thoughts] stream
+        # index in the [padded prompt; thoughts] stream
+        i = torch.arange(self.n_fed, self.n_fed + T, device=dev)
         is_prompt = i < self.P
         t = (i - self.P).clamp(min=0)  # thought index
-        n_new = T - max(0, min(self.P, self.n_fed + T) - self.n_fed)  # thought tokens in this chunk (no host sync)
+        # thought tokens in this chunk (no host sync)
+        n_new = T - max(0, min(self.P, self.n_fed + T) - self.n_fed)
         if self.n_held + n_new > self.W:
-            raise RuntimeError(f"cache holds {self.W} thought tokens; evict() first (window) or size it larger (full)")
+            raise RuntimeError(f"cache holds {self.W} thought tokens; "
+                               "evict() first (window) or size it larger (full)")
         self.slots = torch.where(is_prompt, i, self.P + t % self.W)
         pad = (self.P - self.prompt_lens)[:, None]  # (B, 1) left padding of each prompt
         pos = torch.where(is_prompt, i - pad, self.prompt_lens[:, None] + t)  # (B, T) absolute positions
         real = pos >= 0  # padding slots stay EMPTY
         self.slot_pos[:, self.slots] = torch.where(real, pos, EMPTY)
         self.n_fed += T
-        # slots fill in stream order, [0, P + W): attend over the used prefix only (all S once the ring wrapped)
+        # slots fill in stream order, [0, P + W): attend over the used prefix only (all S once the ring
+        # wrapped)
         self.n_used = min(self.n_fed, self.P + self.W)
-        q_pos = pos.clamp(min=0)  # a padding query sits at position 0 and sees the first real token: finite, unused
+        # a padding query sits at position 0 and sees the first real token: finite, unused
+        q_pos = pos.clamp(min=0)
         mask = self.slot_pos[:, None, None, :self.n_used] <= q_pos[:, None, :, None]
         return q_pos, mask
 
     def prepare_static(self, t, n_attend):
-        """prepare(1) for the static decode step: t (1,) device tensor, the thought index of the token fed (its
-        slot is P + t % W; full mode: W = max_new_tokens, so P + t); attention over slots [0, n_attend), a Python
-        int fixed per captured graph. No host sync and no shape that depends on t. Returns (q_pos (B, 1), mask)."""
+        """prepare(1) for the static decode step: t (1,) device tensor, the thought index of the token fed
+        (its slot is P + t % W; full mode: W = max_new_tokens, so P + t); attention over slots [0, n_attend),
+        a Python int fixed per captured graph. No host sync and no shape that depends on t.
+        Returns (q_pos (B, 1), mask)."""
         self.slots = self.P + t % self.W
         pos = self.prompt_lens[:, None] + t  # (B, 1): thought positions continue each real prompt
         self.slot_pos.index_copy_(1, self.slots, pos)
@@ -144,18 +154,22 @@ class KVCache:
         return pos, self.slot_pos[:, None, None, :n_attend] <= pos[:, None, :, None]
 
     def advance(self, T=1):
-        """The host side of prepare_static: count T more fed tokens (drives needs_evict/evict), before the step."""
+        """The host side of prepare_static: count T more fed tokens (drives needs_evict/evict), before the
+        step."""
         if self.n_held + T > self.W:
-            raise RuntimeError(f"cache holds {self.W} thought tokens; evict() first (window) or size it larger (full)")
+            raise RuntimeError(f"cache holds {self.W} thought tokens; "
+                               "evict() first (window) or size it larger (full)")
         self.n_fed += T
 
     def update(self, layer, k, v):
-        """Write this chunk's (post-RoPE) k, v (B, H_kv, T, D) into layer `layer`; return the layer's full K, V.
-        Under autograd (replay), the buffer keeps detached copies and the returned K, V carry the chunk's graph."""
+        """Write this chunk's (post-RoPE) k, v (B, H_kv, T, D) into layer `layer`;
+        return the layer's full K, V. Under autograd (replay), the buffer keeps detached copies and the
+        returned K, V carry the chunk's graph."""
         self.k[layer].index_copy_(2, self.slots, k.detach())
         self.v[layer].index_copy_(2, self.slots, v.detach())
         K, V = self.k[layer, :, :, :self.n_used], self.v[layer, :, :, :self.n_used]
-        if k.requires_grad or v.requires_grad:  # out-of-place: a copy of prompt + window, bounded by the window
+        # out-of-place: a copy of prompt + window, bounded by the window
+        if k.requires_grad or v.requires_grad:
             K, V = K.index_copy(2, self.slots, k), V.index_copy(2, self.slots, v)
         return K, V
 

@@ -28,7 +28,8 @@ class ModelError(ValueError):
     """Bad model input (missing folder, corrupt file, unsupported config). The message is one line."""
 
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-3B-Instruct"  # the paper's main model: grpo.py trains it, eval.py falls back to it
+# the paper's main model: grpo.py trains it, eval.py falls back to it
+DEFAULT_MODEL = "Qwen/Qwen2.5-3B-Instruct"
 
 # what --dtype accepts everywhere (float64: exactness tests and debugging on CPU)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -36,7 +37,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def logprob_dtype(dtype):
-    """Log-probs are computed in fp32 at least (fp64 for an fp64 model, so exactness tests keep their digits)."""
+    """Log-probs are computed in fp32 at least (fp64 for an fp64 model, so exactness tests keep their
+    digits)."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -65,7 +67,8 @@ class ModelConfig:
         archs = c.get("architectures") or [c.get("model_type", "?")]
         arch = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}.get(archs[0])
         if arch is None:
-            raise ModelError(f"architectures={archs[0]!r} is not supported (Qwen2ForCausalLM, LlamaForCausalLM)")
+            raise ModelError(f"architectures={archs[0]!r} is not supported "
+                             "(Qwen2ForCausalLM, LlamaForCausalLM)")
         for key in ("num_local_experts", "num_experts"):
             if c.get(key):
                 raise ModelError(f"{key}={c[key]}: mixture-of-experts models are not supported")
@@ -121,7 +124,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     if cfg.rope_scaling is None:
         return inv_freq
     s = cfg.rope_scaling
-    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    factor, lo, hi, old = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
+                           s["original_max_position_embeddings"])
     wavelen = 2 * math.pi / inv_freq
     # long wavelengths (> old/lo) are slowed by `factor`, short ones (< old/hi) kept, the band between blended
     scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
@@ -210,7 +214,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx, cache: KVCache | None = None, pos=None, mask=None, hidden_only=False):
         """idx (B, T) token ids -> logits (B, T, vocab) (or final hidden states (B, T, d) if hidden_only).
-        With a cache, positions and the mask come from it; without, pos defaults to 0..T-1 and mask to causal."""
+        With a cache, positions and the mask come from it; without, pos defaults to 0..T-1 and mask to
+        causal."""
         B, T = idx.shape
         if cache is not None and pos is None:  # the static decode step passes its own pos and mask
             pos, mask = cache.prepare(T)
@@ -246,7 +251,8 @@ def resolve_model_dir(name_or_path: str) -> Path:
                                                                     "tokenizer*"]))
     except Exception as e:  # offline, unknown repo, gated repo...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"no local folder {name_or_path!r} and it cannot be fetched from the hub: {msg}") from None
+        raise ModelError(f"no local folder {name_or_path!r} "
+                         f"and it cannot be fetched from the hub: {msg}") from None
 
 
 def read_json(path: Path) -> dict:
@@ -270,7 +276,8 @@ def load_state(folder: Path, dtype) -> dict:
         try:
             part = load_file(folder / f)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise ModelError(f"cannot read {folder / f} (truncated or corrupt?): {str(e).splitlines()[0]}") from None
+            raise ModelError(f"cannot read {folder / f} (truncated or corrupt?): "
+                             f"{str(e).splitlines()[0]}") from None
         for k in list(part):  # convert one tensor at a time: never a second full copy of the weights
             sd[k] = part.pop(k).to(dtype)
     return sd
@@ -294,9 +301,10 @@ def from_state_dict(cfg: ModelConfig, sd: dict, device) -> Transformer:
 
 
 def column_major_linears(model: Transformer) -> Transformer:
-    """Store every linear weight (out, in) column-major, i.e. as a contiguous W^T: F.linear then runs the plain
-    x @ W^T GEMM (no transposed operand), which for decode's few rows is much faster on CPU (MKL) than the
-    transposed-B GEMM that row-major weights get. Same values, shapes, names and autograd: only the strides."""
+    """Store every linear weight (out, in) column-major, i.e. as a contiguous W^T: F.linear then runs the
+    plain x @ W^T GEMM (no transposed operand), which for decode's few rows is much faster on CPU (MKL) than
+    the transposed-B GEMM that row-major weights get. Same values, shapes, names and autograd: only the
+    strides."""
     for mod in model.modules():
         if isinstance(mod, nn.Linear):
             mod.weight = nn.Parameter(mod.weight.t().contiguous().t(), requires_grad=False)
@@ -319,7 +327,8 @@ def load_model(name_or_path: str, dtype=None, device=None):
         model = from_state_dict(cfg, sd, device)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise ModelError(f"weights do not match config.json in {folder}: {' '.join(lines[1:3])[:300]}") from None
+        raise ModelError(f"weights do not match config.json in {folder}: "
+                         f"{' '.join(lines[1:3])[:300]}") from None
     model.name_or_path = name_or_path
     try:
         tok = Tokenizer(folder, extra_eos=cfg.eos_token_ids)
@@ -370,7 +379,8 @@ def left_pad(prompts, pad_id, device):
     return idx.to(device), [len(p) for p in prompts]
 
 
-FULL_BUCKET = 256  # static decode, full mode: attend over the used slots rounded up to this (one graph per bucket)
+# static decode, full mode: attend over the used slots rounded up to this (one graph per bucket)
+FULL_BUCKET = 256
 STOP_EVERY = 16    # static decode: the host checks "every sequence stopped" (a sync) once per this many steps
 
 
@@ -381,9 +391,10 @@ def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, top_p=1.
     window=None: full cache; window=W: W thought slots, evicting the oldest ceil(W/4) when full.
     adapter (pte.py): reset(B) before prefill, fold(K_e, V_e) at each eviction event (PTE's Eq. 4/6).
     on_token(tok (B,)): called with every sampled token (the CLI streams with it).
-    static: the decode step with static shapes (decode_one_token), default on CUDA; otherwise the dynamic step,
-    which attends over the used prefix of the cache only (faster eagerly, the default on CPU). Same tokens and
-    log-probs either way (tests/test_static.py). cuda_graph=False runs the static step eagerly (debugging)."""
+    static: the decode step with static shapes (decode_one_token), default on CUDA; otherwise the dynamic
+    step, which attends over the used prefix of the cache only (faster eagerly, the default on CPU). Same
+    tokens and log-probs either way (tests/test_static.py). cuda_graph=False runs the static step eagerly
+    (debugging)."""
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (got {temperature})")
     if not 0 < top_p <= 1:
@@ -397,14 +408,16 @@ def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, top_p=1.
     if static is None:
         static = device.type == "cuda"
     if static:
-        return generate_static(model, idx, cache, max_new_tokens, stop_ids, temperature, top_p, window, adapter,
-                               generator, pad_id, on_token, cuda_graph and device.type == "cuda")
+        return generate_static(model, idx, cache, max_new_tokens, stop_ids, temperature, top_p, window,
+                               adapter, generator, pad_id, on_token, cuda_graph and device.type == "cuda")
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(B, max_new_tokens, dtype=logprob_dtype(next(model.parameters()).dtype), device=device)
+    logprobs = torch.zeros(B, max_new_tokens, dtype=logprob_dtype(next(model.parameters()).dtype),
+                           device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model.lm_head(model(idx, cache, hidden_only=True)[:, -1])  # prefill (pinned region); last logits only
+    # prefill (pinned region); last logits only
+    logits = model.lm_head(model(idx, cache, hidden_only=True)[:, -1])
     for t in range(max_new_tokens):
         tok, lp = sample(logits, temperature, top_p, generator)
         tok = torch.where(done, pad_id, tok)
@@ -432,8 +445,8 @@ def evictions_before_end(window, max_new_tokens, lengths):
 
 # -----------------------------------------------------------------------------------------------------------
 # static decode: one step with fixed shapes, replayed as a CUDA graph (the decode_one_token / decode_n_tokens
-# split of gpt-fast). On an H100 a 3B model's eager step costs ~27 ms at batch 1 and 64 alike (Python and kernel
-# launches), the same step as one CUDA graph ~5 ms.
+# split of gpt-fast). On an H100 a 3B model's eager step costs ~27 ms at batch 1 and 64 alike (Python and
+# kernel launches), the same step as one CUDA graph ~5 ms.
 
 @dataclass
 class DecodeState:
@@ -448,7 +461,8 @@ class DecodeState:
 
 
 def record(st: DecodeState, tok, lp, pad_id):
-    """Store token st.i (forced to pad once a sequence has stopped) and update the stop state, on the device."""
+    """Store token st.i (forced to pad once a sequence has stopped) and update the stop state, on the
+    device."""
     tok = torch.where(st.done, pad_id, tok)
     st.tokens.index_copy_(1, st.i, tok[:, None])
     st.logprobs.index_copy_(1, st.i, torch.where(st.done, 0.0, lp).to(st.logprobs.dtype)[:, None])
@@ -469,16 +483,18 @@ def decode_one_token(model, cache, st: DecodeState, n_attend, temperature, top_p
 
 
 class GraphedStep:
-    """decode_one_token as CUDA graphs, one per attended length: window mode one (all P + W slots), full mode one per
-    FULL_BUCKET. The first step at a new length runs eagerly on a side stream (it warms up cuBLAS and lazily
-    initialised kernels, which must not happen during capture) and is then captured; later steps replay.
+    """decode_one_token as CUDA graphs, one per attended length: window mode one (all P + W slots), full mode
+    one per FULL_BUCKET. The first step at a new length runs eagerly on a side stream (it warms up cuBLAS and
+    lazily initialised kernels, which must not happen during capture) and is then captured; later steps
+    replay.
 
     Why torch.cuda.CUDAGraph and not torch.compile(mode="reduce-overhead"): the step samples with the caller's
-    torch.Generator, which a graph takes as a registered generator state (register_generator_state: each replay
-    advances its Philox offset exactly as the eager step would), while dynamo does not trace Generator arguments;
-    the step also mutates the cache, the adapters' S and the outputs in place, which cudagraph trees copy or refuse;
-    and compiling a 36-layer model takes minutes per shape. Eager code stays the code that runs, and the graph is
-    captured per generate() call (the buffers it reads are that call's), a cost of about one eager step per shape."""
+    torch.Generator, which a graph takes as a registered generator state (register_generator_state: each
+    replay advances its Philox offset exactly as the eager step would), while dynamo does not trace Generator
+    arguments; the step also mutates the cache, the adapters' S and the outputs in place, which cudagraph
+    trees copy or refuse; and compiling a 36-layer model takes minutes per shape. Eager code stays the code
+    that runs, and the graph is captured per generate() call (the buffers it reads are that call's), a cost of
+    about one eager step per shape."""
     def __init__(self, step, generator):
         self.step, self.generator, self.graphs, self.pool = step, generator, {}, None
 
@@ -497,20 +513,23 @@ class GraphedStep:
             g.register_generator_state(self.generator)
         with torch.cuda.graph(g, pool=self.pool):  # records the next steps' work; runs nothing
             self.step(n_attend)
-        self.pool = self.pool or g.pool()  # buckets replay in capture order, never concurrently: one memory pool
+        # buckets replay in capture order, never concurrently: one memory pool
+        self.pool = self.pool or g.pool()
         self.graphs[n_attend] = g
 
 
 def generate_static(model, idx, cache, N, stop_ids, temperature, top_p, window, adapter, generator, pad_id,
                     on_token, cuda_graph):
-    """generate()'s decode loop with the static step (decode_n_tokens). Eviction and PTE's fold stay outside the
-    step, on the host (once per ceil(W/4) steps; the schedule depends only on the token count), writing into the
-    buffers the step reads (the cache in place; Adapters copies S into fixed buffers under no_grad)."""
+    """generate()'s decode loop with the static step (decode_n_tokens). Eviction and PTE's fold stay outside
+    the step, on the host (once per ceil(W/4) steps; the schedule depends only on the token count), writing
+    into the buffers the step reads (the cache in place; Adapters copies S into fixed buffers under
+    no_grad)."""
     B, device = idx.shape[0], idx.device
     st = DecodeState(tok=torch.zeros(B, dtype=torch.long, device=device),
                      i=torch.zeros(1, dtype=torch.long, device=device),
                      tokens=torch.full((B, N), pad_id, dtype=torch.long, device=device),
-                     logprobs=torch.zeros(B, N, device=device, dtype=logprob_dtype(next(model.parameters()).dtype)),
+                     logprobs=torch.zeros(B, N, device=device,
+                                          dtype=logprob_dtype(next(model.parameters()).dtype)),
                      lengths=torch.full((B,), N, dtype=torch.long, device=device),
                      done=torch.zeros(B, dtype=torch.bool, device=device),
                      stop=torch.tensor(sorted(stop_ids), dtype=torch.long, device=device))
@@ -538,14 +557,14 @@ def generate_static(model, idx, cache, N, stop_ids, temperature, top_p, window, 
         run(S if window is not None else min(S, -(-cache.n_fed // FULL_BUCKET) * FULL_BUCKET))
         if on_token is not None:
             on_token(st.tokens[:, t + 1])
-    return Generation(st.tokens, st.lengths, st.logprobs, ~st.done, evictions_before_end(window, N, st.lengths),
-                      cache.nbytes())
+    return Generation(st.tokens, st.lengths, st.logprobs, ~st.done,
+                      evictions_before_end(window, N, st.lengths), cache.nbytes())
 
 
 def batch_that_fits(model, slots, frac=0.5):
-    """Sequences per generate() call on CUDA: as many as `frac` of the free memory holds, each with a KV cache of
-    `slots` slots (prompt + window, or + max new tokens with the full cache) plus the sampling's fp32 logits.
-    None on CPU (no such limit to size from): callers keep their own default."""
+    """Sequences per generate() call on CUDA: as many as `frac` of the free memory holds, each with a KV cache
+    of `slots` slots (prompt + window, or + max new tokens with the full cache) plus the sampling's fp32
+    logits. None on CPU (no such limit to size from): callers keep their own default."""
     p = next(model.parameters())
     if p.device.type != "cuda":
         return None
@@ -574,7 +593,8 @@ def peak_memory(device) -> int:
 # CLI
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Chat with a Qwen2/Llama model under a full or sliding-window cache.")
+    ap = argparse.ArgumentParser(description="Chat with a Qwen2/Llama model "
+                                             "under a full or sliding-window cache.")
     ap.add_argument("--model", required=True, help="local HF folder or hub id")
     ap.add_argument("--prompt", required=True, help="user message (the model's chat template is applied)")
     ap.add_argument("--system", default=None, help="optional system message")
@@ -587,7 +607,8 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-cuda-graph", action="store_true",
-                    help="CUDA: run the static decode step eagerly instead of replaying it as a CUDA graph (debugging)")
+                    help="CUDA: run the static decode step eagerly instead of replaying it as a CUDA graph "
+                         "(debugging)")
     args = ap.parse_args(argv)
     try:
         window = parse_window(args.window)

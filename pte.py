@@ -6,19 +6,20 @@ Three methods behind one switch, as in the paper's Table 1 (the base model is fr
     lora_c  static LoRA under the sliding-window cache      (naive cache truncation)
     pte     LoRA whose core is a per-layer state S that absorbs every evicted thought token
 
-PTE, per layer l and per sequence (shapes with d_kv = n_kv_heads * head_dim, r = LoRA rank; README choices 4-5):
+PTE, per layer l and per sequence (shapes with d_kv = n_kv_heads * head_dim, r = LoRA rank;
+README choices 4-5):
     q_g (r, d_kv)  learnable global query          W_Q_a, W_K_a, W_V_a (r, d_kv)  projections d_kv -> r
     k_g, v_g (n_g, d_kv)  learnable global tokens
-    S0 = Normalize((W_Q_a q_g)(W_K_a k_g)^T (W_V_a v_g))              Eq. 7   (n_g = 0  =>  S0 = 0)
+    S0 = Normalize((W_Q_a q_g)(W_K_a k_g)^T (W_V_a v_g))      Eq. 7   (n_g = 0  =>  S0 = 0)
     at each eviction event with evicted K_e, V_e (m, d_kv):
-    S' = (W_Q_a q_g)(W_K_a K_e)^T (W_V_a V_e)                          Eq. 4   (r, r)
-    S  = Normalize(S + S')                                             Eq. 6   (flags: LayerAdapter.update)
-    y  = W x + (alpha/r) A S B x,   A (d_out, r), B (r, d_in)          Eq. 5   (Delta W = A S B, never materialised)
+    S' = (W_Q_a q_g)(W_K_a K_e)^T (W_V_a V_e)                  Eq. 4   (r, r)
+    S  = Normalize(S + S')                                     Eq. 6   (flags: LayerAdapter.update)
+    y  = W x + (alpha/r) A S B x,   A (d_out, r), B (r, d_in)  Eq. 5   (Delta W = A S B, never materialised)
 Plain LoRA is the same adapter with S = I (y = W x + (alpha/r) A B x).
 
-Replay (README choice 10): GRPO needs log pi(y_t) with gradients, under the same cache policy and the
-same S as the rollout. `replay` teacher-forces the completion segment by segment (a segment = the tokens between
-two eviction events); each segment attends to the prompt, the retained window and its own earlier tokens. Carried
+Replay (README choice 10): GRPO needs log pi(y_t) with gradients, under the same cache policy and the same S
+as the rollout. `replay` teacher-forces the completion segment by segment (a segment = the tokens between two
+eviction events); each segment attends to the prompt, the retained window and its own earlier tokens. Carried
 and evicted K/V are detached (truncated BPTT); the tiny chain of states S stays differentiable: every segment
 runs on detached leaf copies of S and is backpropagated at once, and one final backward pushes the leaves'
 gradients through the S chain into W_Q_a, W_K_a, W_V_a, q_g, k_g, v_g. Peak memory: prompt + window.
@@ -54,15 +55,21 @@ class AdapterError(ValueError):
 class AdapterConfig:
     method: str = "pte"           # lora | lora_c | pte
     rank: int = 32                # r, the same for every method (fair comparison; paper: 32)
-    alpha: float | None = None    # LoRA scale alpha/r; paper silent, None => alpha = r, scale 1 (README choice 9)
-    targets: str = "qkvo"         # qkvo | all-linear; paper silent (README choice 5), same set for every method
+    # LoRA scale alpha/r; paper silent, None => alpha = r, scale 1 (README choice 9)
+    alpha: float | None = None
+    # qkvo | all-linear; paper silent (README choice 5), same set for every method
+    targets: str = "qkvo"
     n_global: int = 32            # global tokens n_g seeding S0 (Eq. 7); 0 => S0 = 0 (ablation "#Global-0")
     global_only: bool = False     # ablation "Global-Only": S stays S0, evictions are not folded in
-    state_softmax: bool = False   # Eq. 4 with softmax(Q K^T / sqrt(r)) V: a stability variant, not the paper's form
-    normalize: str = "row"        # Eq. 6's Normalize, undefined in the paper: row-wise L2 (README choice 7) | frobenius | none
-    state_update: str = "literal"  # Eq. 6's S' weight: literal | scaled | unit | gated | unit_gated (README choice 8)
+    # Eq. 4 with softmax(Q K^T / sqrt(r)) V: a stability variant, not the paper's form
+    state_softmax: bool = False
+    # Eq. 6's Normalize, undefined in the paper: row-wise L2 (README choice 7) | frobenius | none
+    normalize: str = "row"
+    # Eq. 6's S' weight: literal | scaled | unit | gated | unit_gated (README choice 8)
+    state_update: str = "literal"
     gate_init: float = 0.25        # unit_gated: initial weight of Normalize(S') against the normalised S
-    fold_keys: str = "rotated"     # keys folded by Eq. 4: rotated (as cached, post-RoPE) | unrotated (RoPE undone)
+    # keys folded by Eq. 4: rotated (as cached, post-RoPE) | unrotated (RoPE undone)
+    fold_keys: str = "rotated"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -85,26 +92,29 @@ class AdapterConfig:
 # LoRA factors and the adapted linear layer (Eq. 5)
 
 def adapter_dtype(model_dtype):
-    """Adapter parameters (and so their gradients and AdamW's state) are fp32 even on a bf16 model: an update of
-    lr 1e-5 is mostly below bf16's resolution, and a bf16 .grad summed over ~2k segment backward calls per step
-    loses several percent of the gradient. fp64 models (exactness tests) get fp64 adapters."""
+    """Adapter parameters (and so their gradients and AdamW's state) are fp32 even on a bf16 model: an update
+    of lr 1e-5 is mostly below bf16's resolution, and a bf16 .grad summed over ~2k segment backward calls per
+    step loses several percent of the gradient. fp64 models (exactness tests) get fp64 adapters."""
     return torch.promote_types(model_dtype, torch.float32)
 
 
 class LoRA(nn.Module):
     def __init__(self, d_in, d_out, r):
         super().__init__()
-        self.A = nn.Parameter(torch.zeros(d_out, r))  # zero: the adapted model equals the base at step 0 (README choice 9)
+        # zero: the adapted model equals the base at step 0 (README choice 9)
+        self.A = nn.Parameter(torch.zeros(d_out, r))
         self.B = nn.Parameter(torch.empty(r, d_in))
         nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
 
 
 class LoRALinear(nn.Module):
-    """Replaces a frozen nn.Linear: y = W x + scale * A S B x, with S the layer's current (B, r, r) state or None."""
+    """Replaces a frozen nn.Linear: y = W x + scale * A S B x, with S the layer's current (B, r, r) state or
+    None."""
     def __init__(self, base: nn.Linear, lora: LoRA, layer_adapter, scale):
         super().__init__()
         self.base, self.scale = base, scale
-        self._refs = (lora, layer_adapter)  # a tuple, so the adapter's parameters are not registered in the model
+        # a tuple, so the adapter's parameters are not registered in the model
+        self._refs = (lora, layer_adapter)
 
     def forward(self, x):  # x (B, T, d_in)
         lora, la = self._refs
@@ -127,7 +137,8 @@ class LayerAdapter(nn.Module):
         self.lora = nn.ModuleDict({name: LoRA(d_in, d_out, r) for name, (d_in, d_out) in shapes.items()})
         self.enabled, self.S_active = True, None
         if cfg.method == "pte":
-            self.q_g = nn.Parameter(torch.randn(r, d_kv) * 0.02)      # global query (README choice 9: N(0, 0.02^2))
+            # global query (README choice 9: N(0, 0.02^2))
+            self.q_g = nn.Parameter(torch.randn(r, d_kv) * 0.02)
             self.k_g = nn.Parameter(torch.randn(cfg.n_global, d_kv) * 0.02)  # global tokens (Eq. 7)
             self.v_g = nn.Parameter(torch.randn(cfg.n_global, d_kv) * 0.02)
             self.W_Q_a, self.W_K_a, self.W_V_a = (nn.Parameter(nn.init.xavier_uniform_(torch.empty(r, d_kv)))
@@ -152,7 +163,8 @@ class LayerAdapter(nn.Module):
         if K_e.requires_grad:  # the global tokens k_g, v_g (Eq. 7): plain autograd
             Kp, Vp = K_e @ self.W_K_a.T, V_e @ self.W_V_a.T
             return Q @ (Kp.transpose(1, 2) @ Vp)
-        return _LinearState.apply(Q, self.W_K_a, self.W_V_a, K_e, V_e)  # evicted K/V: the same value, less memory
+        # evicted K/V: the same value, less memory
+        return _LinearState.apply(Q, self.W_K_a, self.W_V_a, K_e, V_e)
 
     def update(self, S, K_e, V_e):
         """Eq. 6, one event: S (B, r, r), evicted K_e, V_e (B, m, d_kv) -> Normalize(S + w * S'), S' = Eq. 4.
@@ -162,27 +174,31 @@ class LayerAdapter(nn.Module):
         the literal S_after ~ Normalize(S') (cos >= 0.998): there, every event would overwrite the state.
         Evidence from the toy recall task (experiments/recall.py -> recall.json; 2 layers, d_kv = 32, r = 8,
         150 steps, lr 1e-3; one seed, +-0.03):
-        - What carries the secret is the SUM S + S', not the chain "S shapes the next K/V, folded next". With S
-          read only at the query (evicted K/V never depend on S: probe `cut`) recall is 1.00 at 10 events after
-          the secret; keeping only the chain (S = Normalize(S0 + S'): probe `reset`) gives chance (0.09); k/v
-          adapters on S0 (probe `kv_S0`) 0.90.
+        - What carries the secret is the SUM S + S', not the chain "S shapes the next K/V, folded next". With
+          S read only at the query (evicted K/V never depend on S: probe `cut`) recall is 1.00 at 10 events
+          after the secret; keeping only the chain (S = Normalize(S0 + S'): probe `reset`) gives chance
+          (0.09); k/v adapters on S0 (probe `kv_S0`) 0.90.
         - literal carries it furthest at the scales we can train: 1.00 / 1.00 / 0.99 / 0.92 at 1 / 3 / 10 / 30
           events (W = 8, m = 2, S' rows ~0.2, cos(S_after, S_before) ~0.97); scaled 0.97 / 0.93 / 0.93 / 0.89;
-          unit (every event weighs as much as all of S) 0.69 / 0.13 at 3 / 10; unit_gated 0.45 / 0.07 at 10 / 30;
-          softmax 0.10 at 10. lr sweep at 10 events (3e-4 / 1e-3 / 3e-3): literal 0.39 / 0.99 / 1.00, scaled
-          0.12 / 0.93 / 1.00. Under GRPO (demo.py at tests/test_demo.py's settings, lr 3e-3) literal reaches 0.69,
-          scaled stays at chance (0.10): scaled's S' starts ~10x smaller and needs a larger lr.
-        - Where literal breaks: at real-weight magnitudes (S' x 300 on the toy) it is at chance from 3 events on
-          (0.21 / 0.10 / 0.11), and at W = 64 (m = 16, rows ~1.6) it is 0.94 at 3 events, 0.10 at 10. scaled
-          divides out m and d_kv (real rows 77-676 become 0.03-0.22) and keeps S' per-token strength; one
-          real-sized event keeps cos(S_after, S_before) = 0.985 under scaled, -0.09 under literal. So on a real
-          model with W in the hundreds, try --state-update scaled (with a larger adapter lr) against literal.
+          unit (every event weighs as much as all of S) 0.69 / 0.13 at 3 / 10;
+          unit_gated 0.45 / 0.07 at 10 / 30; softmax 0.10 at 10. lr sweep at 10 events (3e-4 / 1e-3 / 3e-3):
+          literal 0.39 / 0.99 / 1.00, scaled 0.12 / 0.93 / 1.00. Under GRPO (demo.py at tests/test_demo.py's
+          settings, lr 3e-3) literal reaches 0.69, scaled stays at chance (0.10): scaled's S' starts ~10x
+          smaller and needs a larger lr.
+        - Where literal breaks: at real-weight magnitudes (S' x 300 on the toy) it is at chance from 3 events
+          on (0.21 / 0.10 / 0.11), and at W = 64 (m = 16, rows ~1.6) it is 0.94 at 3 events, 0.10 at 10.
+          scaled divides out m and d_kv (real rows 77-676 become 0.03-0.22) and keeps S' per-token strength;
+          one real-sized event keeps cos(S_after, S_before) = 0.985 under scaled, -0.09 under literal. So on a
+          real model with W in the hundreds, try --state-update scaled (with a larger adapter lr) against
+          literal.
         - gated (scaled times a learned exp(log_gate), init 1) stayed within 10% of init (Adam moves the log
-          by ~lr per step) and matched scaled (0.93 at 10 events). Unrotated keys: literal 0.99 at 10 (= rotated).
+          by ~lr per step) and matched scaled (0.93 at 10 events). Unrotated keys:
+          literal 0.99 at 10 (= rotated).
         state_update chooses w:  literal  w = 1 (the paper as written; default)
                                  scaled   w = 1 / (m sqrt(d_kv))
                                  unit     S' replaced by Normalize(S') (same Normalize as S)
-                                 gated    w = exp(log_gate) / (m sqrt(d_kv)), log_gate learnable per layer, init 0
+                                 gated    w = exp(log_gate) / (m sqrt(d_kv)), log_gate learnable per layer,
+                                          init 0
                                  unit_gated  Normalize(S') weighted by gate_init * exp(log_gate)
         With state_softmax, S' is an average over the m tokens, not a sum; the old softmax variant is
         state_softmax=True with state_update="literal"."""
@@ -206,9 +222,10 @@ class LayerAdapter(nn.Module):
 
 
 class _LinearState(torch.autograd.Function):
-    """Eq. 4 for evicted K/V: the same value as LayerAdapter.encode's plain form, S' = Q (K_e W_K^T)^T (V_e W_V^T),
-    with less memory. Autograd would save K_e and V_e ((m, d_kv) per event: the whole evicted KV stream over a
-    replay); this saves only (r, d_kv) statistics per event (README choice 10)."""
+    """Eq. 4 for evicted K/V: the same value as LayerAdapter.encode's plain form,
+    S' = Q (K_e W_K^T)^T (V_e W_V^T), with less memory. Autograd would save K_e and V_e ((m, d_kv) per event:
+    the whole evicted KV stream over a replay); this saves only (r, d_kv) statistics per event
+    (README choice 10)."""
     @staticmethod
     def forward(ctx, Q, W_K, W_V, K_e, V_e):  # Q (r, r); W_K, W_V (r, d); K_e, V_e (B, m, d), no grad
         Kp, Vp = K_e @ W_K.T, V_e @ W_V.T     # (B, m, r)
@@ -228,7 +245,8 @@ class _LinearState(torch.autograd.Function):
 
 class Adapters(nn.Module):
     """Wraps the target linears of `model` in place (base stays frozen) and owns every trainable parameter.
-    Also the `adapter` object model.generate() drives: reset(B) before prefill, fold(K_e, V_e) per eviction."""
+    Also the `adapter` object model.generate() drives: reset(B) before prefill, fold(K_e, V_e) per
+    eviction."""
     def __init__(self, model, cfg: AdapterConfig):
         super().__init__()
         self.cfg = cfg
@@ -236,7 +254,8 @@ class Adapters(nn.Module):
         d_kv = mc.n_kv_heads * mc.head_dim
         self.layers = nn.ModuleList()
         for block in model.model.layers:
-            owners = {n: block.self_attn if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else block.mlp
+            owners = {n: block.self_attn if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+                         else block.mlp
                       for n in TARGETS[cfg.targets]}
             lins = {n: getattr(o, n) for n, o in owners.items()}
             if any(not isinstance(lin, nn.Linear) for lin in lins.values()):
@@ -261,8 +280,9 @@ class Adapters(nn.Module):
             la.enabled = on
 
     def activate(self, states):
-        """The S each LoRALinear reads. None: lora/lora_c read none (plain LoRA); PTE layers read S0 (Eq. 7), the
-        state before any eviction, so a forward outside generate/replay (or after a replay) is still PTE's."""
+        """The S each LoRALinear reads. None: lora/lora_c read none (plain LoRA); PTE layers read S0 (Eq. 7),
+        the state before any eviction, so a forward outside generate/replay (or after a replay) is still
+        PTE's."""
         if states is None and self.is_pte:
             with torch.no_grad():
                 states = [la.initial_state(1) for la in self.layers]
@@ -275,9 +295,9 @@ class Adapters(nn.Module):
         self.settle()
 
     def fold(self, K_e, V_e, pos_e=None):
-        """One eviction event. K_e, V_e (L, B, H_kv, E, D), pos_e (B, E) from cache.evict(); heads concatenated
-        (README choice 5). The cache holds post-RoPE keys; fold_keys="unrotated" rotates them back by -pos_e first (the
-        global query q_g has no position), and then needs pos_e."""
+        """One eviction event. K_e, V_e (L, B, H_kv, E, D), pos_e (B, E) from cache.evict(); heads
+        concatenated (README choice 5). The cache holds post-RoPE keys; fold_keys="unrotated" rotates them
+        back by -pos_e first (the global query q_g has no position), and then needs pos_e."""
         if not self.is_pte or self.cfg.global_only:
             return
         L, B, H, E, D = K_e.shape
@@ -286,7 +306,8 @@ class Adapters(nn.Module):
                 raise AdapterError("fold_keys='unrotated' needs the evicted positions: fold(K_e, V_e, pos_e)")
             cos, sin = rope_cos_sin(self.inv_freq, pos_e.to(self.inv_freq.device), K_e.dtype)  # (B, 1, E, D)
             K_e = apply_rope(K_e, cos, -sin)  # rotation by -pos: the inverse of the cache's RoPE
-        dt = next(self.parameters()).dtype  # the state is computed in the adapters' dtype (fp32 on a bf16 model)
+        # the state is computed in the adapters' dtype (fp32 on a bf16 model)
+        dt = next(self.parameters()).dtype
         flat = lambda X: X.transpose(2, 3).reshape(L, B, E, H * D).to(dt)  # (L, B, E, d_kv)
         K_e, V_e = flat(K_e), flat(V_e)
         self.S = [la.update(S, K_e[i], V_e[i]) for i, (la, S) in enumerate(zip(self.layers, self.S))]
@@ -329,10 +350,10 @@ def token_logprobs(model, h, targets, temperature=1.0, chunk=256):
 def replay(model, adapters, prompts, tokens, window=None, temperature=1.0, loss_fn=None, pad_id=0):
     """Recompute log pi(y_t | C_t^D) for completions `tokens` (B, T) after `prompts` (lists of ids).
 
-    window=None replays with the full cache (method lora: one segment, the baseline's cost). Without loss_fn it
-    runs under no_grad; with loss_fn(logp_seg (B, n), t0, t1) -> scalar, each segment's loss is backpropagated
-    as soon as it is computed (gradients accumulate in .grad), and the S chain is backpropagated at the end.
-    Returns the detached log-probs (B, T)."""
+    window=None replays with the full cache (method lora: one segment, the baseline's cost). Without loss_fn
+    it runs under no_grad; with loss_fn(logp_seg (B, n), t0, t1) -> scalar, each segment's loss is
+    backpropagated as soon as it is computed (gradients accumulate in .grad), and the S chain is
+    backpropagated at the end. Returns the detached log-probs (B, T)."""
     train = loss_fn is not None
     device = next(model.parameters()).device
     with torch.set_grad_enabled(train):

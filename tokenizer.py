@@ -46,10 +46,12 @@ class Tokenizer:
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = {t["name"]: t["template"] for t in template}.get("default")
         self.chat_template = template
-        self.special = {k: _content(self.config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self.special = {k: _content(self.config.get(k))
+                        for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
 
         eos = set(extra_eos)
-        for name in ("generation_config.json", "config.json"):  # the docstring's union, even without load_model
+        # the docstring's union, even without load_model
+        for name in ("generation_config.json", "config.json"):
             path = folder / name
             if path.exists():
                 e = json.loads(path.read_text()).get("eos_token_id")
@@ -71,7 +73,8 @@ class Tokenizer:
 
     def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs) -> str:
         if not self.chat_template:
-            raise ValueError("this tokenizer has no chat template (tokenizer_config.json / chat_template.jinja)")
+            raise ValueError("this tokenizer has no chat template "
+                             "(tokenizer_config.json / chat_template.jinja)")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise

@@ -16,8 +16,8 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
             "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
 QWEN_TEMPLATE = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
                  "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n"
-                 "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                 "{% endif %}")
+                 "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def shared_or_skip(*parts):
@@ -76,7 +76,8 @@ def make_hf_model(folder, kind="qwen2", seed=0, template=QWEN_TEMPLATE, max_shar
     kw_save = {"max_shard_size": max_shard_size} if max_shard_size else {}
     m.save_pretrained(folder, **kw_save)
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": template, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}))
+        "chat_template": template, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None}))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids["<|im_end|>"],
                                                                                 ids["<|endoftext|>"]]}))
     return m
@@ -98,7 +99,8 @@ def llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One intra-op thread: on a shared 2-core CPU, 2-thread OpenMP under contention is 10x+ slower for tiny models."""
+    """One intra-op thread: on a shared 2-core CPU, 2-thread OpenMP under contention is 10x+ slower for tiny
+    models."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

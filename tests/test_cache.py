@@ -41,7 +41,8 @@ def padded_prompts(plens, seed=0, pad_id=0):
 
 
 def held_schedule(W, N):
-    """The rule, simulated on a list: before thought t is fed, if W thoughts are held, the oldest ceil(W/4) go.
+    """The rule, simulated on a list: before thought t is fed,
+    if W thoughts are held, the oldest ceil(W/4) go.
     -> held[t] (thought indices visible to t besides itself), and the t's before which an event happens."""
     E = -(-W // 4) if W is not None else 0
     window, held, events = [], [], []
@@ -55,7 +56,8 @@ def held_schedule(W, N):
 
 
 def reference_pos_mask(plens, N, W):
-    """Absolute positions (B, P+N) and attention mask (B, 1, P+N, P+N) for [left-padded prompt; N thoughts]."""
+    """Absolute positions (B, P+N) and attention mask (B, 1, P+N, P+N)
+    for [left-padded prompt; N thoughts]."""
     B, P = len(plens), max(plens)
     T = P + N
     held, _ = held_schedule(W, N)
@@ -85,7 +87,8 @@ def real_rows(got, want, plens):
 
 
 def step_through(model, prompt_idx, thoughts, plens, window, on_evict=None):
-    """Prefill, then one thought token at a time, evicting exactly as model.generate does. -> logits, events."""
+    """Prefill, then one thought token at a time, evicting exactly as model.generate does.
+    -> logits, events."""
     cache = model.new_cache(plens, thoughts.shape[1], window=window)
     out, events = [model(prompt_idx, cache)], []
     for t in range(thoughts.shape[1]):
@@ -98,7 +101,8 @@ def step_through(model, prompt_idx, thoughts, plens, window, on_evict=None):
     return torch.cat(out, 1), events, cache
 
 
-CASES = [(1, 7), (2, 9), (4, 15), (5, 18), (8, 27), (40, 12)]  # (W, thought tokens): N >= 3W except the no-event one
+# (W, thought tokens): N >= 3W except the no-event one
+CASES = [(1, 7), (2, 9), (4, 15), (5, 18), (8, 27), (40, 12)]
 
 
 @pytest.mark.parametrize("W,N", CASES)
@@ -192,8 +196,8 @@ def test_window_memory_is_fixed(models):
             cache.evict()
         model(thoughts[:, t:t + 1], cache)
         if t + 1 in (W, 8 * W):
-            snaps.append((cache.nbytes(), tensor_storage_bytes(cache), sorted(k for k, v in vars(cache).items()
-                                                                              if torch.is_tensor(v)),
+            snaps.append((cache.nbytes(), tensor_storage_bytes(cache),
+                          sorted(k for k, v in vars(cache).items() if torch.is_tensor(v)),
                           [x.data_ptr() for x in (cache.k, cache.v, cache.slot_pos)]))
     assert cache.n_evicted > 4 * W
     assert snaps[0] == snaps[1]

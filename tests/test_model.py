@@ -9,8 +9,9 @@ import torch
 from conftest import ROOT, make_hf_model
 from model import ModelError, generate, load_model
 
-# Parity with transformers, in float64 (tolerance 1e-9; measured 9e-16) and in fp32: there the worst case measured
-# was 2.0e-6 on logits of magnitude ~5 (cached decode: other kernels and summation orders): 1e-4 leaves ~50x.
+# Parity with transformers, in float64 (tolerance 1e-9; measured 9e-16) and in fp32: there the worst case
+# measured was 2.0e-6 on logits of magnitude ~5 (cached decode: other kernels and summation orders): 1e-4
+# leaves ~50x.
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
@@ -38,7 +39,8 @@ def test_logits_parity_prefill_and_decode(kind, qwen_dir, llama_dir, dtype):
         for t in range(100, 160):
             got.append(model(idx[:, t:t + 1], cache))
     err_cached = float((torch.cat(got, 1) - want).abs().max())
-    print(f"max |ours - transformers| {err_full:.1e} (one forward), {err_cached:.1e} (cached decode), {dtype}")
+    print(f"max |ours - transformers| {err_full:.1e} (one forward), "
+          f"{err_cached:.1e} (cached decode), {dtype}")
     assert err_full < TOL[dtype] and err_cached < TOL[dtype]
 
 
@@ -52,8 +54,9 @@ def test_tied_and_untied(qwen_dir, llama_dir):
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 def test_greedy_generation_matches_hf_generate(kind, qwen_dir, llama_dir):
-    """Batched greedy generation, prompts of different lengths in one batch, 40 tokens, identical ids. In float64:
-    in fp32 a near-tie between two tokens could be broken differently by another CPU's summation order."""
+    """Batched greedy generation, prompts of different lengths in one batch, 40 tokens, identical ids. In
+    float64: in fp32 a near-tie between two tokens could be broken differently by another CPU's summation
+    order."""
     from transformers import AutoModelForCausalLM
     d = qwen_dir if kind == "qwen2" else llama_dir
     ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64).eval()
@@ -81,7 +84,8 @@ def test_stop_tokens_and_lengths(qwen_dir):
     k = next(i for i in range(2, 30) if row[i] not in row[:i])  # first fresh token: sequence 0 stops there
     out = generate(model, prompts, 30, stop_ids=[row[k]], pad_id=tok.pad_id)
     assert int(out.lengths[0]) == k + 1 and not bool(out.truncated[0])
-    assert torch.equal(out.tokens[0, :k + 1], free.tokens[0, :k + 1]) and (out.tokens[0, k + 1:] == tok.pad_id).all()
+    assert (torch.equal(out.tokens[0, :k + 1], free.tokens[0, :k + 1])
+            and (out.tokens[0, k + 1:] == tok.pad_id).all())
     n1 = int(out.lengths[1])
     assert torch.equal(out.tokens[1, :n1], free.tokens[1, :n1])
 

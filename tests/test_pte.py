@@ -33,14 +33,15 @@ def test_fresh_adapters_generate_like_base(qwen_dir, method, targets):
     assert torch.equal(out.tokens, base.tokens)
 
 
-# Exactness tests run in float64, where rounding is ~1e-15 and a tolerance of 1e-9 tests the mathematics with a
-# wide margin. One fp32 case per property stays, with a tolerance derived from measurement: rollout (one token per
-# forward) and replay (a segment per forward) sum in different orders, and PTE's S chain carries the rounding
-# forward (S shapes the next keys/values, which are folded into the next S), so the fp32 error of pte grows with
-# the number of eviction events: max |replay - rollout| over 17 events was 8.0e-5 (1 thread) and 1.16e-4
-# (2 threads) here, 1.17e-4 on another CPU, while lora and lora_c stay below 2e-6 (torch 2.13 CPU). In float64
-# it measured exactly 0.
-# A real defect (a wrong schedule, a missed fold, a stale S) moves log-probs by more than 1e-2 (asserted below).
+# Exactness tests run in float64, where rounding is ~1e-15 and a tolerance of 1e-9 tests the mathematics with
+# a wide margin. One fp32 case per property stays, with a tolerance derived from measurement: rollout (one
+# token per forward) and replay (a segment per forward) sum in different orders, and PTE's S chain carries the
+# rounding forward (S shapes the next keys/values, which are folded into the next S), so the fp32 error of pte
+# grows with the number of eviction events: max |replay - rollout| over 17 events was 8.0e-5 (1 thread) and
+# 1.16e-4 (2 threads) here, 1.17e-4 on another CPU, while lora and lora_c stay below 2e-6 (torch 2.13 CPU). In
+# float64 it measured exactly 0.
+# A real defect (a wrong schedule, a missed fold, a stale S) moves log-probs by more than
+# 1e-2 (asserted below).
 REPLAY_TOL = {torch.float64: 1e-9, torch.float32: 1e-3}  # fp32: ~8.5x the worst case measured
 
 
@@ -93,7 +94,8 @@ def plain_replay_loss(model, ad, prompts, tokens, window, weights):
     idx, plens = left_pad(prompts, 0, "cpu")
     B, T = tokens.shape
     cache = model.new_cache(plens, T, window)
-    plain_encode = lambda la, K, V: (la.q_g @ la.W_Q_a.T) @ (K @ la.W_K_a.T).transpose(1, 2) @ (V @ la.W_V_a.T)
+    plain_encode = lambda la, K, V: ((la.q_g @ la.W_Q_a.T) @ (K @ la.W_K_a.T).transpose(1, 2)
+                                     @ (V @ la.W_V_a.T))
     S = None
     if ad.is_pte:
         S = [la.normalize(plain_encode(la, la.k_g[None], la.v_g[None])).expand(B, -1, -1) if la.cfg.n_global
@@ -107,7 +109,8 @@ def plain_replay_loss(model, ad, prompts, tokens, window, weights):
             if ad.is_pte:
                 L, B_, H, E, D = K_e.shape
                 K_e, V_e = (X.transpose(2, 3).reshape(L, B_, E, H * D) for X in (K_e, V_e))
-                S = [plain_update(la, S_l, plain_encode(la, K_e[i], V_e[i]), E) for i, (la, S_l) in enumerate(zip(ad.layers, S))]
+                S = [plain_update(la, S_l, plain_encode(la, K_e[i], V_e[i]), E)
+                     for i, (la, S_l) in enumerate(zip(ad.layers, S))]
                 ad.activate(S)
         x = tokens[:, a:b] if s > 0 else torch.cat([idx, tokens[:, :b]], 1)
         h = model(x, cache, hidden_only=True)
@@ -119,8 +122,8 @@ def plain_replay_loss(model, ad, prompts, tokens, window, weights):
 
 
 # worst relative difference measured (run with -s to see it): float64 1.5e-15; fp32 2.1e-6 (pte; lora_c 1e-7),
-# and 1.7e-4 for the unit modes, which normalise a small S' once more. fp32 tolerances ~6-50x the worst case; a
-# gradient that misses a path (e.g. the S chain) is off by O(1).
+# and 1.7e-4 for the unit modes, which normalise a small S' once more. fp32 tolerances ~6-50x the worst case;
+# a gradient that misses a path (e.g. the S chain) is off by O(1).
 GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
@@ -143,7 +146,8 @@ def test_gradient_parity_with_plain_implementation(qwen_dir, method, update, dty
     seg = {n: p.grad.clone() for n, p in ad.named_parameters()}
     ad.zero_grad(set_to_none=True)
     plain_replay_loss(model, ad, P, out.tokens, W, weights)
-    rels = {n: float((seg[n] - p.grad).norm() / p.grad.norm().clamp_min(1e-12)) for n, p in ad.named_parameters()}
+    rels = {n: float((seg[n] - p.grad).norm() / p.grad.norm().clamp_min(1e-12))
+            for n, p in ad.named_parameters()}
     print(f"worst relative gradient difference {max(rels.values()):.2e} ({dtype}, {method}, {update})")
     for n, p in ad.named_parameters():
         tol = 1e-3 if dtype == torch.float32 and update in ("unit", "unit_gated") else GRAD_TOL[dtype]
@@ -158,7 +162,8 @@ def test_ablation_flags(qwen_dir):
     ad = Adapters(model, AdapterConfig(method="pte", rank=4, n_global=0))
     randomize(ad)
     ad.reset(3)
-    assert all(float(S.abs().max()) == 0 for S in ad.S)  # #Global-0: S0 = 0, so Delta W = 0 before any eviction
+    # #Global-0: S0 = 0, so Delta W = 0 before any eviction
+    assert all(float(S.abs().max()) == 0 for S in ad.S)
     for la in ad.layers:
         la.enabled = True
     K = torch.randn(2, 3, 2, 2, 16)
@@ -201,10 +206,10 @@ def test_adapter_round_trip_and_mismatch(tmp_path, qwen_dir, llama_dir):
 
 
 def test_adapter_gradients_accumulate_in_fp32_on_a_bf16_model(qwen_dir):
-    """A GRPO step backpropagates every segment of every micro-batch into the same .grad (~2k backward calls with
-    the paper's settings). On a bf16 model the adapters stay fp32 (pte.adapter_dtype), so that sum loses nothing:
-    the gradient accumulated over 24 replays (~190 segment backward calls) equals the replays' own gradients
-    summed in float64. Measured: 1.3e-7 relative; adapters in bf16 (the old behaviour) gave 2e-2."""
+    """A GRPO step backpropagates every segment of every micro-batch into the same .grad (~2k backward calls
+    with the paper's settings). On a bf16 model the adapters stay fp32 (pte.adapter_dtype), so that sum loses
+    nothing: the gradient accumulated over 24 replays (~190 segment backward calls) equals the replays' own
+    gradients summed in float64. Measured: 1.3e-7 relative; adapters in bf16 (the old behaviour) gave 2e-2."""
     model, tok = load_model(str(qwen_dir), torch.bfloat16)
     ad = Adapters(model, AdapterConfig(method="pte", rank=4, n_global=3))
     assert {p.dtype for p in ad.parameters()} == {torch.float32}
@@ -229,7 +234,8 @@ def test_adapter_gradients_accumulate_in_fp32_on_a_bf16_model(qwen_dir):
 
 
 def test_after_a_replay_pte_layers_read_S0(qwen_dir):
-    """A forward outside generate/replay (e.g. after a training replay) runs PTE with S0 (Eq. 7), not with S = I."""
+    """A forward outside generate/replay (e.g. after a training replay) runs PTE with S0 (Eq. 7),
+    not with S = I."""
     model, tok = load_model(str(qwen_dir), torch.float64)
     ad = Adapters(model, AdapterConfig(method="pte", rank=4, n_global=3))
     randomize(ad)

@@ -2,9 +2,10 @@
 
 Task: after a one-token prompt, the "thought" is a secret digit, then 20 random filler tokens, then a query
 token; the answer is the secret. With W = 8 the secret is evicted long before the query. A tiny base model is
-first trained with a full cache (so, like a real LRM, it can solve the task when it sees everything), then frozen;
-each method trains its adapters with teacher forcing for the same budget through `pte.replay`:
-lora (full cache) and pte (window + state S) reach >= 90%, lora_c (window, no state) stays near chance (10%)."""
+first trained with a full cache (so, like a real LRM, it can solve the task when it sees everything), then
+frozen; each method trains its adapters with teacher forcing for the same budget through `pte.replay`:
+lora (full cache) and pte (window + state S) reach >= 90%, lora_c (window, no state) stays near
+chance (10%)."""
 import pytest
 import torch
 
@@ -16,9 +17,9 @@ BOS, QUERY, N_FILL, W = 30, 31, 20, 8
 
 def toy_model(seed=0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(arch="qwen2", vocab_size=32, hidden_size=64, intermediate_size=128, n_layers=2, n_heads=4,
-                      n_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None,
-                      attention_bias=True, tie_word_embeddings=False)
+    cfg = ModelConfig(arch="qwen2", vocab_size=32, hidden_size=64, intermediate_size=128, n_layers=2,
+                      n_heads=4, n_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+                      rope_scaling=None, attention_bias=True, tie_word_embeddings=False)
     return Transformer(cfg)
 
 
@@ -59,8 +60,8 @@ def accuracy(model, ad, window, g, n_fill=N_FILL):
 
 @pytest.mark.usefixtures("one_thread")
 def test_pte_remembers_evicted_thought(state_softmax=False):
-    # the default Eq. 6 (state_update="literal"). With 150 steps the softmax variant (--state-softmax) is still
-    # at 15%: it learns slower
+    # the default Eq. 6 (state_update="literal"). With 150 steps the softmax variant (--state-softmax) is
+    # still at 15%: it learns slower
     results = run_remember(state_softmax)
     assert results["lora"] >= 0.9 and results["pte"] >= 0.9, results
     assert results["lora_c"] <= 0.3, results  # chance is 0.1
@@ -94,9 +95,9 @@ def run_remember(state_softmax):
 
 
 def test_state_survives_a_real_sized_event():
-    """Why state_update="scaled" exists: real weights fold m = 192 keys/values per event and the literal S' (row
-    norms 77-676 on Qwen) overwrites S. One event of that size, on the toy adapters: the literal form forgets the
-    previous state; scaled keeps most of it, and so carries what S held across events."""
+    """Why state_update="scaled" exists: real weights fold m = 192 keys/values per event and the literal S'
+    (row norms 77-676 on Qwen) overwrites S. One event of that size, on the toy adapters: the literal form
+    forgets the previous state; scaled keeps most of it, and so carries what S held across events."""
     g = torch.Generator().manual_seed(0)
     m, mean = 192, torch.randn(1, 1, 2, 1, 16, generator=g) * 2  # keys/values share a mean (biases, outliers)
     K = mean + torch.randn(2, 1, 2, m, 16, generator=g) * 2
@@ -108,8 +109,10 @@ def test_state_survives_a_real_sized_event():
             ad.reset(1)
             before = [S.clone() for S in ad.S]
             ad.fold(K, V, torch.arange(m)[None])
-            cos[update] = min(float(torch.cosine_similarity(a.flatten(), b.flatten(), 0)) for a, b in zip(before, ad.S))
-            rows = max(float(la.encode(K.transpose(2, 3).reshape(2, 1, m, 32)[i], V.transpose(2, 3).reshape(2, 1, m, 32)[i])
+            cos[update] = min(float(torch.cosine_similarity(a.flatten(), b.flatten(), 0))
+                              for a, b in zip(before, ad.S))
+            rows = max(float(la.encode(K.transpose(2, 3).reshape(2, 1, m, 32)[i],
+                                       V.transpose(2, 3).reshape(2, 1, m, 32)[i])
                              .norm(dim=-1).max()) for i, la in enumerate(ad.layers))
     print(cos, rows)
     assert cos["scaled"] > 0.9 and cos["literal"] < 0.5, (cos, rows)

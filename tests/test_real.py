@@ -19,11 +19,11 @@ FOLDERS = {
     "qwen2": ("PTE_REAL_MODEL", "/work/real/qwen2.5-coder-0.5b"),
     "llama": ("PTE_REAL_MODEL_LLAMA", "/work/real/smollm2-135m"),
 }
-# Measured (fp32, CPU, torch 2.13, transformers 5.24): one prompt, no cache: bit-identical (0.0) for both models;
-# two left-padded prompts through our KV cache (prefill + 4 decode steps) vs transformers with attention_mask:
-# Qwen2.5-Coder-0.5B 1.4e-4..1.7e-4, SmolLM2-135M 6e-5 (summation order of different kernels/shapes over 24-30
-# layers, logits of magnitude ~20). 1e-3 leaves ~6x headroom; a real bug (wrong RoPE position, missing bias,
-# mask off by one, pad visible) moves logits by >= 1e-1.
+# Measured (fp32, CPU, torch 2.13, transformers 5.24): one prompt, no cache: bit-identical (0.0) for both
+# models; two left-padded prompts through our KV cache (prefill + 4 decode steps) vs transformers with
+# attention_mask: Qwen2.5-Coder-0.5B 1.4e-4..1.7e-4, SmolLM2-135M 6e-5 (summation order of different
+# kernels/shapes over 24-30 layers, logits of magnitude ~20). 1e-3 leaves ~6x headroom; a real bug (wrong RoPE
+# position, missing bias, mask off by one, pad visible) moves logits by >= 1e-1.
 LOGITS_TOL = 1e-3
 NEW_TOKENS = 32
 CHATS = [
@@ -80,7 +80,8 @@ def test_logits_parity(real):
         want = ref(x).logits
         diffs.append((model(x) - want).abs().max().item())
         assert want.abs().max() > 5  # real logits, not a degenerate model
-    # both prompts in one left-padded batch through our cache (prefill + 4 decode steps) vs HF with attention_mask
+    # both prompts in one left-padded batch through our cache (prefill + 4 decode steps) vs HF with
+    # attention_mask
     P = max(map(len, prompts))
     pad = tok.pad_id
     extra = torch.tensor([[tok.encode(" The")[0]] * 4] * len(prompts))
@@ -89,7 +90,8 @@ def test_logits_parity(real):
     want = ref(torch.cat([idx, extra], 1), attention_mask=att).logits
     cache = model.new_cache([len(p) for p in prompts], 4)
     got = torch.cat([model(idx, cache)] + [model(extra[:, t:t + 1], cache) for t in range(4)], 1)
-    batched = max((got[b, P - len(p):] - want[b, P - len(p):]).abs().max().item() for b, p in enumerate(prompts))
+    batched = max((got[b, P - len(p):] - want[b, P - len(p):]).abs().max().item()
+                  for b, p in enumerate(prompts))
     print(f"\n[{kind} {d.name}] fp32 max |logits - transformers|: per prompt {[f'{x:.2e}' for x in diffs]}, "
           f"batched+cache {batched:.2e} (prompt lengths {[len(p) for p in prompts]})")
     assert max(diffs) < LOGITS_TOL and batched < LOGITS_TOL

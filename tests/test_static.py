@@ -1,5 +1,5 @@
-"""The static decode step (model.decode_one_token; a CUDA graph on GPUs) gives the same tokens and log-probs as
-the dynamic step, in fp64 on CPU (eagerly: generate(static=True)): window and full mode (several attention
+"""The static decode step (model.decode_one_token; a CUDA graph on GPUs) gives the same tokens and log-probs
+as the dynamic step, in fp64 on CPU (eagerly: generate(static=True)): window and full mode (several attention
 buckets), ragged prompts, several eviction events, greedy and seeded sampling, with and without PTE adapters,
 Qwen2 and Llama. Also: the every-k stop check, on_token, the adapters' fixed S buffers, and (CUDA only) the
 graph against the same step run eagerly."""
@@ -36,7 +36,8 @@ def fp64_model(d, adapter):
 def both(model, prompts, n, temperature, window, ad, stop_ids=(), **kw):
     """(dynamic, static) generations from identically seeded generators."""
     return [generate(model, prompts, n, list(stop_ids), temperature, 1.0, window, adapter=ad,
-                     generator=torch.Generator().manual_seed(7), pad_id=0, static=s, **kw) for s in (False, True)]
+                     generator=torch.Generator().manual_seed(7), pad_id=0, static=s, **kw)
+            for s in (False, True)]
 
 
 def assert_same(a, b):
@@ -62,8 +63,8 @@ def test_static_equals_dynamic(qwen_dir, llama_dir, monkeypatch, kind, window, t
         assert int(sta.evictions.min()) >= 6  # several eviction (and fold) events
     if adapter:  # non-vacuous: the adapters change the log-probs of these tokens
         ad.set_enabled(False)
-        base = generate(model, prompts, 40, [], temperature, 1.0, window, generator=torch.Generator().manual_seed(7),
-                        static=True)
+        base = generate(model, prompts, 40, [], temperature, 1.0, window,
+                        generator=torch.Generator().manual_seed(7), static=True)
         assert not torch.equal(base.logprobs, sta.logprobs)
 
 
@@ -76,7 +77,8 @@ def test_sampling_is_not_greedy(qwen_dir):
     """The temperature-1 cases above compare sampled sequences, not the greedy ones twice."""
     model, _, _ = fp64_model(qwen_dir, False)
     greedy = generate(model, prompts_for(1), 40, [], 0.0, static=True)
-    sampled = generate(model, prompts_for(1), 40, [], 1.0, generator=torch.Generator().manual_seed(7), static=True)
+    sampled = generate(model, prompts_for(1), 40, [], 1.0, generator=torch.Generator().manual_seed(7),
+                       static=True)
     assert not torch.equal(greedy.tokens, sampled.tokens)
 
 
@@ -97,7 +99,8 @@ def test_stop_every_k_same_outputs(qwen_dir, monkeypatch, every, window):
     sta = generate(model, prompts, 40, sorted(stop), 0.0, window=window, adapter=ad, static=True)
     hook.remove()
     assert_same(dyn, sta)
-    assert not dyn.truncated.any() and int(dyn.lengths.max()) <= 4 and int(dyn.lengths.min()) < int(dyn.lengths.max())
+    assert (not dyn.truncated.any() and int(dyn.lengths.max()) <= 4
+            and int(dyn.lengths.min()) < int(dyn.lengths.max()))
     assert (dyn.tokens[:, 4:] == 0).all()
     if every == 16:  # non-vacuous: the static loop ran on past the last stop before it noticed
         assert len(calls) - n_dyn > n_dyn
@@ -111,7 +114,8 @@ def test_on_token_streams_the_same_tokens(qwen_dir):
     got = {}
     for s in (False, True):
         seen = []
-        generate(model, prompts, 20, stop, 0.0, window=4, adapter=ad, static=s, on_token=lambda t: seen.append(t.tolist()))
+        generate(model, prompts, 20, stop, 0.0, window=4, adapter=ad, static=s,
+                 on_token=lambda t: seen.append(t.tolist()))
         got[s] = seen
     assert got[False] == got[True] and len(got[True]) <= 7
 

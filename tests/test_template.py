@@ -1,5 +1,6 @@
-"""Chat-template parity: tokenizer.Tokenizer renders the two real templates in ../shared/fixtures/chat_templates
-byte-for-byte as transformers' apply_chat_template does, encodes to the same ids, and unions the stop ids."""
+"""Chat-template parity: tokenizer.Tokenizer renders the two real templates in
+../shared/fixtures/chat_templates byte-for-byte as transformers' apply_chat_template does, encodes to the same
+ids, and unions the stop ids."""
 import json
 
 import pytest
@@ -12,7 +13,8 @@ R1_BOS, R1_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 TEMPLATES = {  # name -> (template file, special tokens written into tokenizer_config.json)
-    "qwen": ("qwen2.5-instruct.jinja", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}),
+    "qwen": ("qwen2.5-instruct.jinja", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                        "bos_token": None}),
     "r1": ("deepseek-r1-distill.jinja", {"bos_token": R1_BOS, "eos_token": R1_EOS}),
 }
 
@@ -99,9 +101,11 @@ def test_r1_bos_think_prefill_and_reasoning_stripped(tmp_path):
     s = ours.apply_chat_template(CONVERSATIONS["multi_turn"])
     assert s.startswith(R1_BOS + SYSTEM["content"] + "<｜User｜>Compute 2+2.")
     assert s.endswith("<｜Assistant｜><think>\n")
-    assert s.count("<think>") == 1 and "</think>" not in s and "Two plus two" not in s  # earlier reasoning dropped
+    # earlier reasoning dropped
+    assert s.count("<think>") == 1 and "</think>" not in s and "Two plus two" not in s
     assert "<｜Assistant｜>\n\nThe answer is 4." + R1_EOS in s
-    assert ours.apply_chat_template([USER]) == R1_BOS + "<｜User｜>" + USER["content"] + "<｜Assistant｜><think>\n"
+    assert ours.apply_chat_template([USER]) == (R1_BOS + "<｜User｜>" + USER["content"]
+                                                + "<｜Assistant｜><think>\n")
 
 
 def test_jinja_file_overrides_tokenizer_config(tmp_path):
@@ -129,8 +133,9 @@ SEMANTICS_TEMPLATE = (  # the renderer's semantics that the two real templates l
 
 @pytest.mark.parametrize("bos", [R1_BOS, None], ids=["bos", "no_bos"])
 def test_renderer_semantics_match_transformers(tmp_path, bos):
-    """transformers passes tools=None / documents=None explicitly (`tools is not none` is false), leaves an unset
-    bos_token undefined (renders as ''), uses trim_blocks + lstrip_blocks, loopcontrols and a non-ASCII tojson."""
+    """transformers passes tools=None / documents=None explicitly (`tools is not none` is false), leaves an
+    unset bos_token undefined (renders as ''), uses trim_blocks + lstrip_blocks, loopcontrols and a non-ASCII
+    tojson."""
     folder = tmp_path / "t"
     folder.mkdir()
     make_tokenizer_json(folder / "tokenizer.json")
@@ -151,8 +156,10 @@ def test_stop_ids_union(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["eos_token_id"] = ids[R1_EOS]
     (d / "config.json").write_text(json.dumps(cfg))
-    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids["<|endoftext|>"], ids["</think>"]]}))
-    want = sorted({ids[R1_EOS], ids["<|endoftext|>"], ids["</think>"], ids["<|im_end|>"]})  # last: tokenizer_config
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids["<|endoftext|>"],
+                                                                           ids["</think>"]]}))
+    # last: tokenizer_config
+    want = sorted({ids[R1_EOS], ids["<|endoftext|>"], ids["</think>"], ids["<|im_end|>"]})
     _, tok = load_model(str(d))
     assert tok.stop_ids == want
     assert Tokenizer(d).stop_ids == want  # the Tokenizer alone reads config.json too
