@@ -492,8 +492,8 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None, help="offline JSONL copies (or env PTE_DATA_DIR); "
                     "default: the hub")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--batch-size", type=int, default=None, help="sequences per generate call (default: on CUDA "
-                    "as many as half the free memory holds at the window; else 32)")
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per generate call (default: on "
+                    "CUDA as many as half the free memory holds at the window; else 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt-style", default=None, help=f"{' | '.join(PROMPT_STYLES)}")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 "

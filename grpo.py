@@ -425,8 +425,8 @@ def rollout_seed(seed, step, index):
 
 def rollout_batch_size(cfg: GRPOConfig, model, n_responses, max_prompt):
     """Responses per generate() call: --rollout-batch, else on CUDA as many as half the free memory holds
-    (model.batch_that_fits: the KV cache of prompt + window), else --micro-batch; always whole groups, and never
-    more than this rank's responses. A constant-memory window is what makes a large batch cheap."""
+    (model.batch_that_fits: the KV cache of prompt + window), else --micro-batch; always whole groups, and
+    never more than this rank's responses. A constant-memory window is what makes a large batch cheap."""
     G = cfg.group_size
     n = cfg.rollout_batch or cfg.micro_batch
     if cfg.rollout_batch is None:
@@ -678,11 +678,11 @@ def parse_args(argv=None):
     a("--state-softmax", action="store_true", help="PTE Eq. 4 with softmax(QK^T/sqrt r) "
       "(not the paper's form)")
     a("--normalize", default=d.normalize, choices=["row", "frobenius", "none"], help="PTE Normalize of Eq. 6")
-    a("--state-update", default=d.state_update, choices=STATE_UPDATES, help="PTE Eq. 6, S = Normalize(S + w S'): "
-      "literal (default: the paper as written, w = 1), scaled (w = 1/(m sqrt(d_kv))), unit, gated, unit_gated "
-      "(README choice 8)")
-    a("--fold-keys", default=d.fold_keys, choices=FOLD_KEYS, help="PTE Eq. 4 folds the evicted keys as cached "
-      "(rotated, post-RoPE) or with RoPE undone (unrotated)")
+    a("--state-update", default=d.state_update, choices=STATE_UPDATES,
+      help="PTE Eq. 6, S = Normalize(S + w S'): literal (default: the paper as written, w = 1), scaled "
+      "(w = 1/(m sqrt(d_kv))), unit, gated, unit_gated (README choice 8)")
+    a("--fold-keys", default=d.fold_keys, choices=FOLD_KEYS,
+      help="PTE Eq. 4 folds the evicted keys as cached (rotated, post-RoPE) or with RoPE undone (unrotated)")
     a("--seed", type=int, default=d.seed, help="seeds adapter init, data order and every rollout generator")
     a("--out", default=d.out, help="output folder: log.jsonl, config.json, curves.png, ckpt-NNNNNN/")
     a("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and at the last step)")
