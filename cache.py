@@ -115,6 +115,12 @@ class KVCache:
         self.n_evicted += E
         return K_e, V_e, pos_e
 
+    def check_room(self, n_new):
+        """n_new more thought tokens must fit beside the ones held."""
+        if self.n_held + n_new > self.W:
+            raise RuntimeError(f"cache holds {self.W} thought tokens; "
+                               "evict() first (window) or size it larger (full)")
+
     def prepare(self, T):
         """Reserve slots for the next T tokens.
         Returns (q_pos (B, T) for RoPE, mask (B, 1, T, n_used) bool)."""
@@ -125,17 +131,15 @@ class KVCache:
         t = (i - self.P).clamp(min=0)  # thought index
         # thought tokens in this chunk (no host sync)
         n_new = T - max(0, min(self.P, self.n_fed + T) - self.n_fed)
-        if self.n_held + n_new > self.W:
-            raise RuntimeError(f"cache holds {self.W} thought tokens; "
-                               "evict() first (window) or size it larger (full)")
+        self.check_room(n_new)
         self.slots = torch.where(is_prompt, i, self.P + t % self.W)
         pad = (self.P - self.prompt_lens)[:, None]  # (B, 1) left padding of each prompt
         pos = torch.where(is_prompt, i - pad, self.prompt_lens[:, None] + t)  # (B, T) absolute positions
         real = pos >= 0  # padding slots stay EMPTY
         self.slot_pos[:, self.slots] = torch.where(real, pos, EMPTY)
         self.n_fed += T
-        # slots fill in stream order, [0, P + W): attend over the used prefix only (all S once the ring
-        # wrapped)
+        # slots fill in stream order, [0, P + W): attend over the used prefix only (all slots once the
+        # ring wrapped)
         self.n_used = min(self.n_fed, self.P + self.W)
         # a padding query sits at position 0 and sees the first real token: finite, unused
         q_pos = pos.clamp(min=0)
@@ -156,9 +160,7 @@ class KVCache:
     def advance(self, T=1):
         """The host side of prepare_static: count T more fed tokens (drives needs_evict/evict), before the
         step."""
-        if self.n_held + T > self.W:
-            raise RuntimeError(f"cache holds {self.W} thought tokens; "
-                               "evict() first (window) or size it larger (full)")
+        self.check_room(T)
         self.n_fed += T
 
     def update(self, layer, k, v):

@@ -317,17 +317,19 @@ def newest_checkpoint(runs="runs"):
 def choose_model(a):
     """Fill a.model / a.adapter when not given, so that `python grpo.py` then `python eval.py --window 768`
     works: the adapter's own base model; with neither, the newest checkpoint under runs/, else the default
-    base model."""
+    base model. Returns the adapter's adapter.json (None without adapters)."""
     if a.model is None and a.adapter is None:
         a.adapter = newest_checkpoint(a.runs)
         a.adapter = str(a.adapter) if a.adapter else None
         how = f"the newest checkpoint under {a.runs}/" if a.adapter else f"no checkpoint under {a.runs}/"
     else:
         how = "command line"
+    meta = read_adapter_meta(a.adapter) if a.adapter else None
     if a.model is None:
-        a.model = (read_adapter_meta(a.adapter).get("base_model") if a.adapter else None) or DEFAULT_MODEL
+        a.model = (meta or {}).get("base_model") or DEFAULT_MODEL
     print(f"evaluating {a.model}" + (f" with adapters {a.adapter}" if a.adapter else " (base model)") +
           f" ({how})")
+    return meta
 
 
 def print_plan(model, tok, adapters, items, windows, settings, batch_size):  # items: pending, all windows
@@ -353,11 +355,10 @@ def print_plan(model, tok, adapters, items, windows, settings, batch_size):  # i
     print(line)
 
 
-def resolve_settings(a, model, tok, meta):
-    """Everything that determines a sample (hashed into its key), plus the windows
-    and how sampling was chosen."""
+def resolve_settings(a, model, tok, meta, windows):
+    """Everything that determines a sample (hashed into its key), plus the windows (those of --window, or
+    None for the default) and how sampling was chosen."""
     method = meta["config"]["method"] if meta else "base"
-    windows = parse_windows(a.window) if a.window is not None else None
     if windows is None:  # lora_c / pte: the window they were trained with (README choice 15)
         w = meta.get("window") if meta else None
         windows = [None] if method in ("base", "lora") else [w if isinstance(w, int) and w > 0 else 1024]
@@ -434,16 +435,14 @@ def write_results(a, out, records, data, windows, settings, info, meta, items, t
 def run(a):
     t_start = time.time()
     check_args(a)
-    choose_model(a)
-    if a.window is not None:
-        parse_windows(a.window)  # a bad --window fails before anything is loaded
+    meta = choose_model(a)
+    windows = parse_windows(a.window) if a.window is not None else None  # fails before anything is loaded
     names = [b.strip() for b in a.benchmarks.split(",") if b.strip()]
     # DataError: bad name/file
     data = {b: load_benchmark(b, a.data_dir, a.limit) for b in dict.fromkeys(names)}
-    meta = read_adapter_meta(a.adapter) if a.adapter else None
     model, tok = load_model(a.model, a.dtype, a.device)
     adapters = load_adapters(model, a.adapter) if a.adapter else None  # AdapterError: another base model
-    settings, windows, info = resolve_settings(a, model, tok, meta)
+    settings, windows, info = resolve_settings(a, model, tok, meta, windows)
     default_out = Path("runs/eval") / (Path(a.model).name +
                                        (f"-{Path(a.adapter).resolve().name}" if a.adapter else ""))
     out = Path(a.out) if a.out else default_out

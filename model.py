@@ -542,7 +542,7 @@ def generate_static(model, idx, cache, N, stop_ids, temperature, top_p, window, 
         decode_one_token(model, cache, st, n_attend, temperature, top_p, generator, pad_id)
 
     run = GraphedStep(step, generator) if cuda_graph else step
-    S = cache.k.shape[3]
+    n_slots = cache.k.shape[3]
     # tokens after a sequence's stop are forced to pad, so checking less often changes no output; a streaming
     # caller (on_token) syncs every step anyway
     check = 1 if on_token is not None else STOP_EVERY
@@ -554,7 +554,7 @@ def generate_static(model, idx, cache, N, stop_ids, temperature, top_p, window, 
             if adapter is not None:
                 adapter.fold(K_e, V_e, pos_e)
         cache.advance(1)
-        run(S if window is not None else min(S, -(-cache.n_fed // FULL_BUCKET) * FULL_BUCKET))
+        run(n_slots if window is not None else min(n_slots, -(-cache.n_fed // FULL_BUCKET) * FULL_BUCKET))
         if on_token is not None:
             on_token(st.tokens[:, t + 1])
     return Generation(st.tokens, st.lengths, st.logprobs, ~st.done,

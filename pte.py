@@ -157,14 +157,13 @@ class LayerAdapter(nn.Module):
     def encode(self, K_e, V_e):
         """Eq. 4: K_e, V_e (B, m, d_kv) -> S' = Q (K_e W_K_a^T)^T (V_e W_V_a^T) (B, r, r), Q = W_Q_a q_g."""
         Q = self.q_g @ self.W_Q_a.T  # (r, r): one row per global-query vector
+        if not self.cfg.state_softmax and not K_e.requires_grad:
+            # evicted K/V (the global tokens k_g, v_g carry grad): the last line's value, with less memory
+            return _LinearState.apply(Q, self.W_K_a, self.W_V_a, K_e, V_e)
+        Kp, Vp = K_e @ self.W_K_a.T, V_e @ self.W_V_a.T  # (B, m, r)
         if self.cfg.state_softmax:  # the variant (README choice 6), not the paper's form
-            Kp, Vp = K_e @ self.W_K_a.T, V_e @ self.W_V_a.T  # (B, m, r)
             return torch.softmax(Q @ Kp.transpose(1, 2) / math.sqrt(Q.shape[-1]), -1) @ Vp
-        if K_e.requires_grad:  # the global tokens k_g, v_g (Eq. 7): plain autograd
-            Kp, Vp = K_e @ self.W_K_a.T, V_e @ self.W_V_a.T
-            return Q @ (Kp.transpose(1, 2) @ Vp)
-        # evicted K/V: the same value, less memory
-        return _LinearState.apply(Q, self.W_K_a, self.W_V_a, K_e, V_e)
+        return Q @ (Kp.transpose(1, 2) @ Vp)
 
     def update(self, S, K_e, V_e):
         """Eq. 6, one event: S (B, r, r), evicted K_e, V_e (B, m, d_kv) -> Normalize(S + w * S'), S' = Eq. 4.
