@@ -93,6 +93,7 @@ class KVCache:
         self.n_evicted = 0      # thought tokens evicted so far
         self.slots = None       # slots of the chunk being written (set by prepare, read by update)
         self.n_used = 0         # slots attention reads: the used prefix [0, n_used) (set by prepare)
+        self.prompt_graph = self.prompt_leaves = None  # replay only: see keep_prompt_graph
 
     @property
     def n_thought(self):  # thought tokens appended so far
@@ -163,13 +164,30 @@ class KVCache:
         self.check_room(T)
         self.n_fed += T
 
+    def keep_prompt_graph(self):
+        """Replay (pte.replay), before the prefill: the next chunk must be the whole prompt. Its K/V keep their
+        autograd graph in `prompt_graph` (one (k, v) per layer), and every later chunk attends to leaf copies
+        of them (`prompt_leaves`) whose .grad the caller pushes through the prompt once, at the end. So a
+        thought token's loss reaches the adapters through the prompt's K/V from every segment, while the
+        thought K/V carried between segments stay detached (README choice 10)."""
+        if self.n_fed:
+            raise RuntimeError("keep_prompt_graph() must come before the prompt is fed")
+        self.prompt_graph, self.prompt_leaves = [], []
+
     def update(self, layer, k, v):
         """Write this chunk's (post-RoPE) k, v (B, H_kv, T, D) into layer `layer`;
         return the layer's full K, V. Under autograd (replay), the buffer keeps detached copies and the
-        returned K, V carry the chunk's graph."""
+        returned K, V carry the chunk's graph (and the prompt leaves' after keep_prompt_graph)."""
         self.k[layer].index_copy_(2, self.slots, k.detach())
         self.v[layer].index_copy_(2, self.slots, v.detach())
         K, V = self.k[layer, :, :, :self.n_used], self.v[layer, :, :, :self.n_used]
+        if self.prompt_leaves is not None and torch.is_grad_enabled():
+            if self.n_fed == self.P:  # this chunk is the prompt
+                self.prompt_graph.append((k, v))
+                self.prompt_leaves.append((k.detach().requires_grad_(), v.detach().requires_grad_()))
+            else:
+                k_p, v_p = self.prompt_leaves[layer]
+                K, V = torch.cat([k_p, K[:, :, self.P:]], 2), torch.cat([v_p, V[:, :, self.P:]], 2)
         # out-of-place: a copy of prompt + window, bounded by the window
         if k.requires_grad or v.requires_grad:
             K, V = K.index_copy(2, self.slots, k), V.index_copy(2, self.slots, v)

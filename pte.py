@@ -18,11 +18,13 @@ README choices 4-5):
 Plain LoRA is the same adapter with S = I (y = W x + (alpha/r) A B x).
 
 Replay (README choice 10): GRPO needs log pi(y_t) with gradients, under the same cache policy and the same S
-as the rollout. `replay` teacher-forces the completion segment by segment (a segment = the tokens between two
-eviction events); each segment attends to the prompt, the retained window and its own earlier tokens. Carried
-and evicted K/V are detached (truncated BPTT); the tiny chain of states S stays differentiable: every segment
-runs on detached leaf copies of S and is backpropagated at once, and one final backward pushes the leaves'
-gradients through the S chain into W_Q_a, W_K_a, W_V_a, q_g, k_g, v_g. Peak memory: prompt + window.
+as the rollout. `replay` is generate's loop with the sampled tokens fed back: prefill the prompt, then per
+segment (the tokens between two eviction events) evict -> fold -> feed; each segment attends to the prompt,
+the retained window and its own earlier tokens. Thought K/V carried into a later segment, and evicted K/V, are
+detached (truncated BPTT). The prompt's K/V and the tiny chain of states S stay differentiable: every segment
+runs on leaf copies of both and is backpropagated at once; at the end one backward pushes the prompt leaves'
+gradients through the prompt, and one pushes the S leaves' through the S chain into W_Q_a, W_K_a, W_V_a, q_g,
+k_g, v_g. Peak memory: prompt + window.
 
     from pte import AdapterConfig, Adapters, replay
     adapters = Adapters(model, AdapterConfig(method="pte", rank=32))
@@ -350,10 +352,12 @@ def token_logprobs(model, h, targets, temperature=1.0, chunk=256):
 def replay(model, adapters, prompts, tokens, window=None, temperature=1.0, loss_fn=None, pad_id=0):
     """Recompute log pi(y_t | C_t^D) for completions `tokens` (B, T) after `prompts` (lists of ids).
 
-    window=None replays with the full cache (method lora: one segment, the baseline's cost). Without loss_fn
-    it runs under no_grad; with loss_fn(logp_seg (B, n), t0, t1) -> scalar, each segment's loss is
-    backpropagated as soon as it is computed (gradients accumulate in .grad), and the S chain is
-    backpropagated at the end. Returns the detached log-probs (B, T)."""
+    The loop of model.generate with the sampled tokens fed back in segments: prefill the prompt (its last
+    position predicts y_0), then for each segment evict -> fold -> feed. window=None replays with the full
+    cache (method lora: one segment, the baseline's cost). Without loss_fn it runs under no_grad; with
+    loss_fn(logp_seg (B, n), t0, t1) -> scalar, each segment's loss is backpropagated as soon as it is computed
+    (gradients accumulate in .grad), and at the end the leaves' gradients are pushed through the prompt's graph
+    (with y_0's loss) and then through the S chain. Returns the detached log-probs (B, T)."""
     train = loss_fn is not None
     device = next(model.parameters()).device
     with torch.set_grad_enabled(train):
@@ -361,34 +365,54 @@ def replay(model, adapters, prompts, tokens, window=None, temperature=1.0, loss_
         tokens = tokens.to(device)
         B, T = tokens.shape
         cache = model.new_cache(plens, T, window)
+        if train:
+            cache.keep_prompt_graph()
         if adapters is not None:
             adapters.reset(B)
-        # thought tokens 0..T-2 are fed (y_0 is predicted by the prompt); evictions precede the fed index
+        chain, leaves = [], []  # PTE: the S of each segment, and the leaf copies the segment ran on
+
+        def cut_chain():
+            if train and adapters is not None and adapters.is_pte:
+                chain.append(adapters.S)
+                leaves.append([S.detach().requires_grad_() for S in adapters.S])
+                adapters.activate(leaves[-1])
+
+        cut_chain()
+        h = model(idx, cache, hidden_only=True)[:, -1:]  # prefill: the prompt's last position predicts y_0
+        out = [token_logprobs(model, h, tokens[:, :1], temperature)]
+        loss_y0 = loss_fn(out[0], 0, 1) if train else None  # backpropagated with the prompt's graph, below
+        # thought tokens 0..T-2 are fed; segment borders are the eviction events (before thought W, W+E, ...)
         bounds = [0] + eviction_steps(window, T - 1) + [T - 1]
-        chain, leaves, out = [], [], []
-        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if s > 0:
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if a == b:  # T == 1: nothing to feed
+                continue
+            if cache.needs_evict():
                 K_e, V_e, pos_e = cache.evict()
                 if adapters is not None:
                     adapters.fold(K_e, V_e, pos_e)
-            if train and adapters is not None and adapters.is_pte:
-                leaf = [S.detach().requires_grad_() for S in adapters.S]
-                adapters.activate(leaf)
-                chain.append(adapters.S)
-                leaves.append(leaf)
-            x = tokens[:, a:b] if s > 0 else torch.cat([idx, tokens[:, :b]], 1)
-            h = model(x, cache, hidden_only=True)
-            h = h[:, -(b - a + 1):] if s == 0 else h  # segment 0: the last prompt position predicts y_0
-            t0 = a if s == 0 else a + 1
-            lp = token_logprobs(model, h, tokens[:, t0:b + 1], temperature)
+                    cut_chain()
+            h = model(tokens[:, a:b], cache, hidden_only=True)  # feeds y_a..y_{b-1}, predicts y_{a+1}..y_b
+            lp = token_logprobs(model, h, tokens[:, a + 1:b + 1], temperature)
             if train:
-                loss_fn(lp, t0, b + 1).backward()
+                loss_fn(lp, a + 1, b + 1).backward()
             out.append(lp.detach())
-        if chain:  # one backward through the S chain: the leaves' gradients flow into the state encoder
-            pairs = [(S, l.grad) for Ss, ls in zip(chain, leaves) for S, l in zip(Ss, ls)
-                     if l.grad is not None and S.requires_grad]
-            if pairs:
-                torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
+        if train:
+            # 1. the prompt: y_0's loss and the gradients every segment left on the prompt's K/V leaves
+            # (the prompt's graph reads the first S leaf, so this comes before the chain)
+            pairs = [(g, l.grad) for gl, ll in zip(cache.prompt_graph, cache.prompt_leaves)
+                     for g, l in zip(gl, ll) if g.requires_grad and l.grad is not None]
+            pairs += [(loss_y0, None)] if loss_y0.requires_grad else []
+            backward_pairs(pairs)
+            # 2. the S chain: the leaves' gradients flow into the state encoder
+            backward_pairs([(S, l.grad) for Ss, ls in zip(chain, leaves) for S, l in zip(Ss, ls)
+                            if l.grad is not None and S.requires_grad])
+        if chain:
             adapters.activate(None)
             adapters.S = None
-    return torch.cat(out, 1)
+    return torch.cat(out, 1).detach()
+
+
+def backward_pairs(pairs):
+    """One backward from several (tensor, gradient) pairs (gradient None for a scalar loss)."""
+    if pairs:
+        torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])

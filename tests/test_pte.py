@@ -3,6 +3,7 @@ one-graph implementation, ablation flags, adapter round trip through disk."""
 import pytest
 import torch
 
+from cache import KVCache
 from model import generate, load_model
 from checkpoint import load_adapters, save_adapters
 from pte import AdapterConfig, AdapterError, Adapters, replay, token_logprobs
@@ -86,14 +87,30 @@ def plain_update(la, S, Sp, m):
     return unit(S + w * (unit(Sp) if mode in ("unit", "unit_gated") else Sp))
 
 
+class PromptGraphCache(KVCache):
+    """The reference's cache: thought K/V carried between segments are detached copies, as in replay; the
+    prompt's K/V keep their graph in every segment (plain autograd, no leaves)."""
+    def update(self, layer, k, v):
+        prefill = self.n_fed == self.P
+        if prefill:
+            self.graph = getattr(self, "graph", []) + [(k, v)]
+        K, V = super().update(layer, k, v)
+        if not prefill:
+            k_p, v_p = self.graph[layer]
+            K, V = torch.cat([k_p, K[:, :, self.P:]], 2), torch.cat([v_p, V[:, :, self.P:]], 2)
+        return K, V
+
+
 def plain_replay_loss(model, ad, prompts, tokens, window, weights):
     """The same computation in one autograd graph (memory-hungry): states by plain autograd, no leaves, one
-    backward. Carried K/V are detached exactly as in replay (cache.update keeps detached copies)."""
+    backward. Carried thought K/V and evicted K/V are detached exactly as in replay."""
     from cache import eviction_steps
     from model import left_pad
     idx, plens = left_pad(prompts, 0, "cpu")
     B, T = tokens.shape
-    cache = model.new_cache(plens, T, window)
+    p = next(model.parameters())
+    cache = PromptGraphCache(model.cfg.n_layers, plens, model.cfg.n_kv_heads, model.cfg.head_dim, T, window,
+                             dtype=p.dtype)
     plain_encode = lambda la, K, V: ((la.q_g @ la.W_Q_a.T) @ (K @ la.W_K_a.T).transpose(1, 2)
                                      @ (V @ la.W_V_a.T))
     S = None
@@ -101,10 +118,11 @@ def plain_replay_loss(model, ad, prompts, tokens, window, weights):
         S = [la.normalize(plain_encode(la, la.k_g[None], la.v_g[None])).expand(B, -1, -1) if la.cfg.n_global
              else la.q_g.new_zeros(B, la.cfg.rank, la.cfg.rank) for la in ad.layers]
     ad.activate(S)
+    h = model(idx, cache, hidden_only=True)[:, -1:]
+    total = (token_logprobs(model, h, tokens[:, :1]) * weights[:, :1]).sum()
     bounds = [0] + eviction_steps(window, T - 1) + [T - 1]
-    total = 0
-    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if s > 0:
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a > 0:
             K_e, V_e, _ = cache.evict()
             if ad.is_pte:
                 L, B_, H, E, D = K_e.shape
@@ -112,18 +130,16 @@ def plain_replay_loss(model, ad, prompts, tokens, window, weights):
                 S = [plain_update(la, S_l, plain_encode(la, K_e[i], V_e[i]), E)
                      for i, (la, S_l) in enumerate(zip(ad.layers, S))]
                 ad.activate(S)
-        x = tokens[:, a:b] if s > 0 else torch.cat([idx, tokens[:, :b]], 1)
-        h = model(x, cache, hidden_only=True)
-        h = h[:, -(b - a + 1):] if s == 0 else h
-        t0 = a if s == 0 else a + 1
-        total = total + (token_logprobs(model, h, tokens[:, t0:b + 1]) * weights[:, t0:b + 1]).sum()
+        h = model(tokens[:, a:b], cache, hidden_only=True)
+        total = total + (token_logprobs(model, h, tokens[:, a + 1:b + 1]) * weights[:, a + 1:b + 1]).sum()
     total.backward()
     ad.activate(None)
 
 
-# worst relative difference measured (run with -s to see it): float64 1.5e-15; fp32 2.1e-6 (pte; lora_c 1e-7),
-# and 1.7e-4 for the unit modes, which normalise a small S' once more. fp32 tolerances ~6-50x the worst case;
-# a gradient that misses a path (e.g. the S chain) is off by O(1).
+# worst relative difference measured (run with -s to see it): float64 1.1e-13 (unit), 3e-15 (pte); fp32 3.9e-6
+# (pte; lora_c 2.4e-7), and 1.7e-4 for the unit modes, which normalise a small S' once more. fp32 tolerances
+# ~6-25x the worst case. A gradient that misses a path is off by O(1): cutting the prompt's K/V out of the
+# later segments' graph (as replay did before) gave relative differences up to 0.95.
 GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
