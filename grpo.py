@@ -153,7 +153,11 @@ def rollout(model, adapters, tok, problems, cfg: GRPOConfig, step, rank=0,
     out = []
     for j, batch in enumerate(tqdm(batches, desc=f"rollout {step}", leave=False, disable=not progress)):
         prompts_b = [b[0] for b in batch]
-        W, seed = window_for(cfg, prompts_b), rollout_seed(cfg.seed, step, rank * len(batches) + j)
+        # seed index: the global position of the batch's first response. Every rank holds the same number of
+        # responses (validate: --prompts-per-step is a multiple of the world size), so rank r's start at
+        # r * len(flat). Counting batches instead would let two ranks share a seed when their rollout batch
+        # sizes differ (on CUDA each rank sizes its own from free memory and its longest prompt).
+        W, seed = window_for(cfg, prompts_b), rollout_seed(cfg.seed, step, rank * len(flat) + j * n)
         g = torch.Generator(device=device).manual_seed(seed)
         gen = generate(model, prompts_b, cfg.max_new_tokens, tok.stop_ids, cfg.temperature, cfg.top_p, W,
                        adapter=adapters, generator=g, pad_id=tok.pad_id)
@@ -422,10 +426,11 @@ def window_for(cfg: GRPOConfig, prompts):
 
 
 def rollout_seed(seed, step, index):
-    """Seed of the torch.Generator of rollout batch `index` of `step`, batches counted across ranks (rank r
-    owns r*k .. r*k+k-1). Derived from (seed, step, index) alone, never from a running RNG: a resumed run
-    samples what the uninterrupted one did, and N processes sample exactly what one process does with the same
-    global batch."""
+    """Seed of the torch.Generator of the rollout batch of `step` whose first response is response `index` of
+    the global batch (rank r's responses are r*m .. r*m+m-1, m per rank): distinct batches get distinct
+    indices whatever batch size each rank picks. Derived from (seed, step, index) alone, never from a running
+    RNG: a resumed run samples what the uninterrupted one did, and N processes cutting the same rollout
+    batches sample exactly what one process does with the same global batch."""
     return int(np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
