@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from model import read_json
 from pte import AdapterConfig, AdapterError, Adapters
 
 
@@ -59,13 +60,7 @@ def save_adapters(adapters: Adapters, folder, extra=None):
 
 
 def read_adapter_meta(folder) -> dict:
-    path = Path(folder) / "adapter.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AdapterError(f"no adapter.json in {folder}") from None
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path} is not valid JSON: {e}") from None
+    return read_json(Path(folder) / "adapter.json", AdapterError)
 
 
 def load_adapters(model, folder) -> Adapters:

@@ -16,7 +16,8 @@ This file holds:
                              is only an answer; strict=True: only the prompt style's own marker
   is_equiv(pred, gold)       the comparison: normalise -> integers -> numbers -> lists/intervals ->
                              math-verify
-  is_correct(text, gold)     extract + compare, lenient (evaluation)
+  grade(text, gold)          extract + compare in one pass -> (answer or None, correct), lenient unless strict
+  is_correct(text, gold)     grade's verdict, lenient (evaluation)
   reward(text, gold)         1.0 / 0.0, the GRPO reward: strict by default (training teaches the asked format)
 
 Usage:
@@ -654,10 +655,16 @@ def is_equiv(pred, gold):
     return len(p) <= max(500, 2 * len(g)) and _math_verify(g, p)
 
 
+def grade(completion, gold, truncated=False, strict=False, style=None):
+    """-> (the completion's final answer (extract_answer; lenient unless strict) or None, is it equivalent to
+    gold?). Callers that report both (eval's no-answer rate, grpo's no_answer) extract each answer once."""
+    pred = extract_answer(completion, truncated, strict, style)
+    return pred, pred is not None and is_equiv(pred, gold)
+
+
 def is_correct(completion, gold, truncated=False, strict=False, style=None):
     """Is the completion's final answer (extract_answer; lenient unless strict) equivalent to gold?"""
-    pred = extract_answer(completion, truncated, strict, style)
-    return pred is not None and is_equiv(pred, gold)
+    return grade(completion, gold, truncated, strict, style)[1]
 
 
 def reward(completion, gold, truncated=False, strict=True, style=None):

@@ -55,8 +55,7 @@ import torch
 
 from cache import parse_window
 from checkpoint import fingerprint, load_adapters, read_adapter_meta
-from data import (BENCHMARKS, PROMPT_STYLES, DataError, encode_prompt, extract_answer, is_correct,
-                  load_benchmark)
+from data import BENCHMARKS, PROMPT_STYLES, DataError, encode_prompt, grade, load_benchmark
 from model import (DEFAULT_MODEL, DTYPES, ModelError, batch_that_fits, generate, load_model, peak_memory,
                    reset_peak_memory)
 from pte import AdapterError
@@ -172,11 +171,11 @@ def evaluate_window(model, tok, adapters, items, window, settings, out_file, bat
         for i, it in enumerate(batch):
             n, trunc = int(out.lengths[i]), bool(out.truncated[i])
             text = tok.decode(out.tokens[i, :n].tolist())
+            answer, correct = grade(text, it["gold"], trunc)  # lenient: evaluation grades any marker
             lines.append({"benchmark": it["benchmark"], "id": it["id"], "sample": it["sample"],
                           "window": "full" if window is None else window, "settings": settings["hash"],
-                          "completion": text, "answer": extract_answer(text, trunc), "gold": it["gold"],
-                          "correct": is_correct(text, it["gold"], trunc), "tokens": n,
-                          "evictions": int(out.evictions[i]), "truncated": trunc,
+                          "completion": text, "answer": answer, "gold": it["gold"], "correct": correct,
+                          "tokens": n, "evictions": int(out.evictions[i]), "truncated": trunc,
                           "gen_seconds": dt / len(batch), "batch_size": len(batch), "kv_bytes": out.kv_bytes,
                           "peak_memory": peak})
         with open(out_file, "a", encoding="utf-8") as f:

@@ -12,7 +12,8 @@ One step, in the order of the algorithm (the order of this file):
     rollout()      G completions per prompt, sampled under D with the current adapters (model.generate), many
                    responses per generate() call (--rollout-batch), cut into replay micro-batches
                    (--micro-batch)
-    score()        r(y) = data.reward(completion, gold): 1.0 for a correct final answer, else 0.0
+    score()        r(y) = data.reward(completion, gold): 1.0 for a correct final answer, else 0.0; the answer
+                   extracted for it (data.grade, once per completion) also gives the no-answer rate
     advantages()   A_i = (r_i - mean) / (std + 1e-6) within each group of G completions of one prompt
     policy_loss()  the per-token PPO-clipped surrogate (+ k3 KL), the closure pte.replay() calls per segment
     train_step()   replay log-probs with gradients micro-batch by micro-batch, all-reduce, clip, AdamW
@@ -152,7 +153,11 @@ def rollout(model, adapters, tok, problems, cfg: GRPOConfig, step, rank=0,
     out = []
     for j, batch in enumerate(tqdm(batches, desc=f"rollout {step}", leave=False, disable=not progress)):
         prompts_b = [b[0] for b in batch]
-        W, seed = window_for(cfg, prompts_b), rollout_seed(cfg.seed, step, rank * len(batches) + j)
+        # seed index: the global position of the batch's first response. Every rank holds the same number of
+        # responses (validate: --prompts-per-step is a multiple of the world size), so rank r's start at
+        # r * len(flat). Counting batches instead would let two ranks share a seed when their rollout batch
+        # sizes differ (on CUDA each rank sizes its own from free memory and its longest prompt).
+        W, seed = window_for(cfg, prompts_b), rollout_seed(cfg.seed, step, rank * len(flat) + j * n)
         g = torch.Generator(device=device).manual_seed(seed)
         gen = generate(model, prompts_b, cfg.max_new_tokens, tok.stop_ids, cfg.temperature, cfg.top_p, W,
                        adapter=adapters, generator=g, pad_id=tok.pad_id)
@@ -167,17 +172,20 @@ def rollout(model, adapters, tok, problems, cfg: GRPOConfig, step, rank=0,
 # -----------------------------------------------------------------------------------------------------------
 # 2. reward  3. advantages
 
-def score(mbs: list[MicroBatch], tok, reward_fn, answer_fn=None):
+def score(mbs: list[MicroBatch], tok, reward_fn):
     """-> (texts, rewards (N,), no_answer (N,) bool) over every response of `mbs`, in order.
-    reward_fn(decoded completion, gold, truncated) -> float; answer_fn(completion, truncated) -> the answer
-    the reward grades, or None (counted as no_answer)."""
+    reward_fn(decoded completion, gold, truncated) -> float, or a (float, answer) pair from a reward that
+    extracts an answer (math_reward): the answer it graded, None counted as no_answer. A reward that returns
+    a plain float has no notion of an answer: its completions count as answered."""
     texts, rewards, no_answer = [], [], []
     for mb in mbs:
         n, tr, ids = mb.lengths.tolist(), mb.truncated.tolist(), mb.tokens.tolist()
         for i in range(len(n)):
             texts.append(tok.decode(ids[i][:n[i]]))
-            rewards.append(float(reward_fn(texts[-1], mb.golds[i], tr[i])))
-            no_answer.append(answer_fn is not None and answer_fn(texts[-1], tr[i]) is None)
+            out = reward_fn(texts[-1], mb.golds[i], tr[i])
+            r, answered = (out[0], out[1] is not None) if isinstance(out, tuple) else (out, True)
+            rewards.append(float(r))
+            no_answer.append(not answered)
     return texts, torch.tensor(rewards), torch.tensor(no_answer)
 
 
@@ -291,7 +299,7 @@ def grpo_step(model, adapters, opt, tok, problems, cfg: GRPOConfig, step, rank=0
     t0 = time.perf_counter()
     mbs = rollout(model, adapters, tok, problems, cfg, step, rank, progress)
     t1 = time.perf_counter()
-    texts, rewards, no_answer = score(mbs, tok, reward_fn, answer_for(cfg))
+    texts, rewards, no_answer = score(mbs, tok, reward_fn)
     A, zero = advantages(rewards.view(-1, cfg.group_size), cfg.std)
     adv = [a.to(device, mb.old_logp.dtype)
            for mb, a in zip(mbs, A.view(-1).split([len(mb.prompts) for mb in mbs]))]
@@ -388,15 +396,17 @@ def toy_reward(completion, gold, truncated=False):
 REWARDS = ("math", "toy")
 
 
+def math_reward(completion, gold, truncated=False, style=None):
+    """--reward math: data.reward's strict grading, only the marker of the prompt style counts (README choice
+    14). -> (reward, the answer it graded or None): score() takes the no_answer rate from the same extraction,
+    so each answer is extracted once."""
+    answer, correct = data.grade(completion, gold, truncated, strict=True, style=style)
+    return float(correct), answer
+
+
 def reward_for(cfg: GRPOConfig):
-    """math: data.reward in its strict mode, narrowed to the marker the prompt asked for
-    (README choice 14)."""
-    return functools.partial(data.reward, style=cfg.prompt_style) if cfg.reward == "math" else toy_reward
-
-
-def answer_for(cfg: GRPOConfig):
-    """What the reward grades, for the no_answer rate: the same strict extraction as reward_for."""
-    return functools.partial(data.extract_answer, strict=True, style=cfg.prompt_style)
+    """math: math_reward narrowed to the marker the prompt asked for; toy: toy_reward."""
+    return functools.partial(math_reward, style=cfg.prompt_style) if cfg.reward == "math" else toy_reward
 
 
 def window_name(cfg: GRPOConfig):
@@ -416,10 +426,11 @@ def window_for(cfg: GRPOConfig, prompts):
 
 
 def rollout_seed(seed, step, index):
-    """Seed of the torch.Generator of rollout batch `index` of `step`, batches counted across ranks (rank r
-    owns r*k .. r*k+k-1). Derived from (seed, step, index) alone, never from a running RNG: a resumed run
-    samples what the uninterrupted one did, and N processes sample exactly what one process does with the same
-    global batch."""
+    """Seed of the torch.Generator of the rollout batch of `step` whose first response is response `index` of
+    the global batch (rank r's responses are r*m .. r*m+m-1, m per rank): distinct batches get distinct
+    indices whatever batch size each rank picks. Derived from (seed, step, index) alone, never from a running
+    RNG: a resumed run samples what the uninterrupted one did, and N processes cutting the same rollout
+    batches sample exactly what one process does with the same global batch."""
     return int(np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0] >> 1)
 
 

@@ -255,13 +255,14 @@ def resolve_model_dir(name_or_path: str) -> Path:
                          f"and it cannot be fetched from the hub: {msg}") from None
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, error=ModelError) -> dict:
+    """A JSON file (config.json, adapter.json...), or `error` (the caller's one-line error type) naming it."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ModelError(f"missing {path.name} in {path.parent}") from None
+        raise error(f"missing {path.name} in {path.parent}") from None
     except json.JSONDecodeError as e:
-        raise ModelError(f"{path} is not valid JSON: {e}") from None
+        raise error(f"{path} is not valid JSON: {e}") from None
 
 
 def load_state(folder: Path, dtype) -> dict:

@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so that plain `pytest` finds data.py too
 import data  # noqa: E402
-from data import (BENCHMARKS, DataError, build_user_message, extract_answer, is_correct,  # noqa: E402
+from data import (BENCHMARKS, DataError, build_user_message, extract_answer, grade, is_correct,  # noqa: E402
                   is_equiv, load_benchmark, load_train, read_jsonl, reward)
 
 SHARED = Path(os.environ.get("PTE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
@@ -510,6 +510,20 @@ STRICT = [
 def test_strict_reward(completion, gold, style, expected):
     assert reward(completion, gold, style=style) == expected
     assert is_correct(completion, gold, strict=True, style=style) is (expected == 1.0)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_grade_is_extract_answer_and_is_correct(strict):
+    """grade extracts once what extract_answer extracts and judges as is_correct does, strict or lenient
+    (eval and grpo take both from it)."""
+    cases = [(c, g, s, False) for c, g, s, _ in STRICT] + [("\\boxed{4}", "4", "boxed", True)]
+    for completion, gold, style, truncated in cases:
+        got = grade(completion, gold, truncated, strict, style)
+        assert got == (extract_answer(completion, truncated, strict, style),
+                       is_correct(completion, gold, truncated, strict, style)), (completion, gold, style)
+    assert grade("The answer is 42.", "42") == ("42", True)
+    assert grade("The answer is 42.", "42", strict=True) == (None, False)
+    assert grade("\\boxed{41}", "42", strict=True, style="boxed") == ("41", False)
 
 
 def test_reward_is_strict_and_is_correct_lenient_by_default():

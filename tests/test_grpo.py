@@ -75,6 +75,25 @@ def test_advantages_worked_example():
     assert torch.allclose(A[0], torch.tensor([0.75, -0.25, -0.25, -0.25]))
 
 
+def test_score_math_reward_and_no_answer():
+    """score() with --reward math under --prompt-style boxed: a correct \\boxed{} answer gets 1 and is
+    answered, a completion without one gets 0 and is no_answer. A plain-float reward counts as answered."""
+    texts = ["2 + 2 = 4, so the answer is \\boxed{4}.", "I am not sure."]
+
+    class Tok:
+        def decode(self, ids):
+            return texts[ids[0]]
+    mb = grpo.MicroBatch(prompts=[[0], [0]], golds=["4", "4"], window=None, seed=0,
+                         tokens=torch.tensor([[0], [1]]), lengths=torch.tensor([1, 1]),
+                         old_logp=torch.zeros(2, 1), truncated=torch.tensor([False, False]),
+                         evictions=torch.zeros(2, dtype=torch.long))
+    reward_fn = grpo.reward_for(grpo.GRPOConfig(reward="math", prompt_style="boxed"))
+    got, rewards, no_answer = grpo.score([mb], Tok(), reward_fn)
+    assert got == texts and rewards.tolist() == [1.0, 0.0] and no_answer.tolist() == [False, True]
+    _, rewards, no_answer = grpo.score([mb], Tok(), grpo.toy_reward)
+    assert rewards.tolist() == [1.0, 0.0] and no_answer.tolist() == [False, False]
+
+
 # max |ratio - 1| at the first update, measured (1 or 2 threads, torch 2.13 CPU): float64, 0 for lora and
 # lora_c; pte 0 under the boxed prompt and 3.5e-9 under the longer DAPO prompt (P = 299: one element of 768
 # differs, the rest is bit-identical; a kernel picked by shape, not explained further).
