@@ -165,10 +165,10 @@ class KVCache:
         self.n_fed += T
 
     def keep_prompt_graph(self):
-        """Replay (pte.replay), before the prefill: the next chunk must be the whole prompt. Its K/V keep their
-        autograd graph in `prompt_graph` (one (k, v) per layer), and every later chunk attends to leaf copies
-        of them (`prompt_leaves`) whose .grad the caller pushes through the prompt once, at the end. So a
-        thought token's loss reaches the adapters through the prompt's K/V from every segment, while the
+        """Replay (pte.replay), before the prefill: the next chunk must be the whole prompt. Its K/V keep
+        their autograd graph in `prompt_graph` (one (k, v) per layer), and every later chunk attends to leaf
+        copies of them (`prompt_leaves`) whose .grad the caller pushes through the prompt once, at the end.
+        So a thought token's loss reaches the adapters through the prompt's K/V from every segment, while the
         thought K/V carried between segments stay detached (README choice 10)."""
         if self.n_fed:
             raise RuntimeError("keep_prompt_graph() must come before the prompt is fed")

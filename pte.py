@@ -355,9 +355,9 @@ def replay(model, adapters, prompts, tokens, window=None, temperature=1.0, loss_
     The loop of model.generate with the sampled tokens fed back in segments: prefill the prompt (its last
     position predicts y_0), then for each segment evict -> fold -> feed. window=None replays with the full
     cache (method lora: one segment, the baseline's cost). Without loss_fn it runs under no_grad; with
-    loss_fn(logp_seg (B, n), t0, t1) -> scalar, each segment's loss is backpropagated as soon as it is computed
-    (gradients accumulate in .grad), and at the end the leaves' gradients are pushed through the prompt's graph
-    (with y_0's loss) and then through the S chain. Returns the detached log-probs (B, T)."""
+    loss_fn(logp_seg (B, n), t0, t1) -> scalar, each segment's loss is backpropagated as soon as it is
+    computed (gradients accumulate in .grad), and at the end the leaves' gradients are pushed through the
+    prompt's graph (with y_0's loss) and then through the S chain. Returns the detached log-probs (B, T)."""
     train = loss_fn is not None
     device = next(model.parameters()).device
     with torch.set_grad_enabled(train):

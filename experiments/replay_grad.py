@@ -1,10 +1,10 @@
 """How close is replay's gradient to the exact one? (README choice 10)
 
-pte.replay cuts the graph at segment borders: the thought K/V that a segment attends to, and the evicted K/V
-folded into S, are detached copies, so a loss at token t does not reach the adapters through the keys/values of
-earlier segments' tokens. The exact gradient keeps every path. Here both are computed on a small random model
-in float64 (so the comparison measures the truncation, not rounding), with random adapters and sampled
-completions, and compared by cosine over all adapter parameters, per method.
+pte.replay cuts the graph at segment borders: the thought K/V that a segment attends to, and the evicted
+K/V folded into S, are detached copies, so a loss at token t does not reach the adapters through the
+keys/values of earlier segments' tokens. The exact gradient keeps every path. Here both are computed on a
+small random model in float64 (so the comparison measures the truncation, not rounding), with random
+adapters and sampled completions, and compared by cosine over all adapter parameters, per method.
 
 The exact gradient: the same forward (prefill, then segment by segment, evict -> fold -> feed), one autograd
 graph, with a cache that keeps every key and value with its graph (ExactCache) and evicted K/V that carry
@@ -40,8 +40,8 @@ class ExactCache(KVCache):
     def evict(self):
         slots = self.P + torch.arange(self.n_evicted, self.n_evicted + n_evict(self.W)) % self.W
         _, _, pos_e = super().evict()
-        return (torch.stack([k[:, :, slots] for k in self.kg]), torch.stack([v[:, :, slots] for v in self.vg]),
-                pos_e)
+        K_e, V_e = (torch.stack([x[:, :, slots] for x in xs]) for xs in (self.kg, self.vg))
+        return K_e, V_e, pos_e
 
 
 def exact_loss(model, ad, prompts, tokens, window, weights):
@@ -70,8 +70,8 @@ def flat_grad(ad):
 
 def measure(method, window, seed, n_new, hidden):
     torch.manual_seed(seed)
-    cfg = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, n_layers=2,
-                      n_heads=4, n_kv_heads=2, head_dim=hidden // 4, rms_norm_eps=1e-6, rope_theta=10000.0,
+    cfg = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden,
+                      n_layers=2, n_heads=4, n_kv_heads=2, head_dim=hidden // 4, rms_norm_eps=1e-6, rope_theta=10000.0,
                       rope_scaling=None, attention_bias=True, tie_word_embeddings=False)
     model = Transformer(cfg).double()
     with torch.no_grad():
@@ -88,7 +88,8 @@ def measure(method, window, seed, n_new, hidden):
     out = generate(model, prompts, n_new, [], temperature=1.0, window=W, adapter=ad, generator=g)
     weights = torch.randn(out.tokens.shape, generator=g, dtype=torch.float64)  # a loss with signal everywhere
     ad.zero_grad(set_to_none=True)
-    replay(model, ad, prompts, out.tokens, window=W, loss_fn=lambda lp, t0, t1: (lp * weights[:, t0:t1]).sum())
+    loss_fn = lambda lp, t0, t1: (lp * weights[:, t0:t1]).sum()  # noqa: E731
+    replay(model, ad, prompts, out.tokens, window=W, loss_fn=loss_fn)
     g_replay = flat_grad(ad)
     ad.zero_grad(set_to_none=True)
     exact_loss(model, ad, prompts, out.tokens, W, weights)
