@@ -184,7 +184,7 @@ class LayerAdapter(nn.Module):
           unit (every event weighs as much as all of S) 0.69 / 0.13 at 3 / 10;
           unit_gated 0.45 / 0.07 at 10 / 30; softmax 0.10 at 10. lr sweep at 10 events (3e-4 / 1e-3 / 3e-3):
           literal 0.39 / 0.99 / 1.00, scaled 0.12 / 0.93 / 1.00. Under GRPO (demo.py at tests/test_demo.py's
-          settings, lr 3e-3) literal reaches 0.69, scaled stays at chance (0.10): scaled's S' starts ~10x
+          settings, lr 3e-3) literal reaches 0.70, scaled 0.21 (chance 0.10): scaled's S' starts ~10x
           smaller and needs a larger lr.
         - Where literal breaks: at real-weight magnitudes (S' x 300 on the toy) it is at chance from 3 events
           on (0.21 / 0.10 / 0.11), and at W = 64 (m = 16, rows ~1.6) it is 0.94 at 3 events, 0.10 at 10.
