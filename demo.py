@@ -2,13 +2,13 @@
 demo.py: the paper in miniature, offline on a laptop CPU in a few minutes (`python demo.py`).
 
 The task makes the answer depend on thought tokens written early in the completion. The prompt is K digits;
-the model must state the running sums while working, think for NF steps (a fixed "w0 w1 ..." pattern, longer
-than the window), then answer with the last running sum:
+the model must state the running sums while working, think for NF steps (a fixed "w0 w1 ..." pattern), then
+answer with the last running sum:
 
     prompt      <bos> 3 7 1 [instruction] =>
-    completion  3 0 1  w0 w1 ... w23  ?  1  <eos>   (answer = (3+7+1) mod 10; reward 1 iff exactly this shape)
+    completion  3 0 1  w0 w1 ... w7  ?  1  <eos>   (answer = (3+7+1) mod 10; reward 1 iff exactly this shape)
 
-With a sliding window of W = 8 thought tokens, the running sums are evicted long before the answer;
+With a sliding window of W = 8 thought tokens, the running sums are evicted before the answer;
 recomputing the sum of K digits from the (pinned) prompt in one step is what the tiny model cannot do. So:
   1. a tiny Qwen2-shaped model is taught the task with a full cache (like a real LRM, it solves it when it
      sees everything), saved as a Hugging Face folder, and loaded back through model.load_model;
@@ -153,7 +153,9 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/demo", help="output folder (demo.json, demo.png, runs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--digits", type=int, default=3, help="K: prompt digits whose running sums are written")
-    ap.add_argument("--filler", type=int, default=16, help="NF: thinking steps "
+    # 8: pte took off on every seed and CPU tried (seeds 0 / 1: 1.00 / 0.91); at 16 the sums are evicted 5
+    # events before the answer and pte's GRPO run took off on some seeds only (0.10 / 0.38 / 0.84, seeds 0-2)
+    ap.add_argument("--filler", type=int, default=8, help="NF: thinking steps "
                     "between the sums and the answer")
     ap.add_argument("--window", type=int, default=8, help="W: thought window of lora_c and pte")
     ap.add_argument("--base-steps", type=int, default=600, help="teacher-forcing steps for the base model")
