@@ -329,3 +329,27 @@ def test_window_below_one_raises(models, window):
         models("qwen2").new_cache([3, 5], 10, window=window)
     with pytest.raises(ValueError):
         generate(models("qwen2"), [[1, 2, 3]], 4, stop_ids=[], window=window)
+
+
+def test_prompt_graph_reaches_every_later_chunk():
+    """keep_prompt_graph (replay): the prompt's K/V keep their graph, and every later chunk attends to leaf
+    copies of them, so a loss on any chunk puts gradient on the leaves (the thought K/V stay detached)."""
+    cache = KVCache(n_layers=1, prompt_lens=[3], n_kv_heads=1, head_dim=2, max_new_tokens=10, window=4)
+    cache.keep_prompt_graph()
+    x = torch.randn(1, 1, 3, 2, requires_grad=True)  # stands in for the prompt's projections
+    cache.prepare(3)
+    K, _ = cache.update(0, x * 2, x * 3)
+    assert cache.prompt_graph[0][0].requires_grad and len(cache.prompt_leaves) == 1
+    for t in range(6):  # thought tokens, with evictions
+        if cache.needs_evict():
+            cache.evict()
+        cache.prepare(1)
+        k = torch.randn(1, 1, 1, 2, requires_grad=True)
+        K, V = cache.update(0, k, k)
+        (K.sum() + V.sum()).backward()
+        k_leaf, v_leaf = cache.prompt_leaves[0]
+        assert torch.equal(k_leaf.grad, torch.full_like(x, t + 1.0))  # d sum(K) / d K_prompt = 1 per chunk
+    g = torch.autograd.grad(cache.prompt_graph[0], x, [k_leaf.grad, v_leaf.grad])[0]
+    assert torch.equal(g, torch.full_like(x, 2 * 6 + 3 * 6))  # k = 2x, v = 3x, 6 chunks
+    with pytest.raises(RuntimeError, match="before the prompt"):
+        cache.keep_prompt_graph()
