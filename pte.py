@@ -179,7 +179,9 @@ class LayerAdapter(nn.Module):
           S read only at the query (evicted K/V never depend on S: probe `cut`) recall is 1.00 at 10 events
           after the secret; keeping only the chain (S = Normalize(S0 + S'): probe `reset`) gives chance
           (0.09); k/v adapters on S0 (probe `kv_S0`) 0.90.
-        - literal carries it furthest at the scales we can train: 1.00 / 1.00 / 0.99 / 0.92 at 1 / 3 / 10 / 30
+        - literal carries it furthest at the scales we can train (replay before README choice 10's prompt
+          leaves; rerun after: literal 1.00 / 1.00 / 0.98 / 0.84, scaled 0.90 / 0.74 / 0.52 / 0.88):
+          1.00 / 1.00 / 0.99 / 0.92 at 1 / 3 / 10 / 30
           events (W = 8, m = 2, S' rows ~0.2, cos(S_after, S_before) ~0.97); scaled 0.97 / 0.93 / 0.93 / 0.89;
           unit (every event weighs as much as all of S) 0.69 / 0.13 at 3 / 10;
           unit_gated 0.45 / 0.07 at 10 / 30; softmax 0.10 at 10. lr sweep at 10 events (3e-4 / 1e-3 / 3e-3):

@@ -71,8 +71,8 @@ def flat_grad(ad):
 def measure(method, window, seed, n_new, hidden):
     torch.manual_seed(seed)
     cfg = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden,
-                      n_layers=2, n_heads=4, n_kv_heads=2, head_dim=hidden // 4, rms_norm_eps=1e-6, rope_theta=10000.0,
-                      rope_scaling=None, attention_bias=True, tie_word_embeddings=False)
+                      n_layers=2, n_heads=4, n_kv_heads=2, head_dim=hidden // 4, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, rope_scaling=None, attention_bias=True, tie_word_embeddings=False)
     model = Transformer(cfg).double()
     with torch.no_grad():
         for p in model.parameters():
