@@ -1,16 +1,17 @@
 """Recall vs number of eviction events after the secret (issue: S' of Eq. 4 dwarfs the normalised S).
 
-Task (tests/test_pte_remembers.py): prompt [BOS]; thought = secret digit, N filler tokens, QUERY, answer = secret.
-W = 8, E = ceil(W/4) = 2 tokens per event; the secret (thought 0) leaves in the first event (before thought 8).
-Events after the secret's eviction k = N/2 - 4 (N = 2k + 8): N = 20 gives 6, N = 60 gives 26.
-A tiny base model is trained with the full cache (per N) and frozen; each variant trains its adapters by teacher
-forcing through pte.replay with the same budget (steps x batch, Adam); accuracy as in the test (argmax over the
-10 digits of the replayed answer log-prob, 128 held-out samples).
+Task (tests/test_pte_remembers.py): prompt [BOS]; thought = secret digit, N filler tokens, QUERY,
+answer = secret. W = 8, E = ceil(W/4) = 2 tokens per event; the secret (thought 0) leaves in the first event
+(before thought 8). Events after the secret's eviction k = N/2 - 4 (N = 2k + 8): N = 20 gives 6, N = 60
+gives 26.
+A tiny base model is trained with the full cache (per N) and frozen; each variant trains its adapters by
+teacher forcing through pte.replay with the same budget (steps x batch, Adam); accuracy as in the test (argmax
+over the 10 digits of the replayed answer log-prob, 128 held-out samples).
 
-Variants: the Eq. 6 forms (pte.AdapterConfig.state_update / fold_keys / state_softmax) and three mechanism probes
-(monkeypatched here, not in pte.py):
-    literal_x300  S = Normalize(S + 300 S'): the toy's S' rows are ~0.2, real Qwen's 77-676; this puts the toy in
-            the real-weight regime where S' overwrites S at every event
+Variants: the Eq. 6 forms (pte.AdapterConfig.state_update / fold_keys / state_softmax) and three mechanism
+probes (monkeypatched here, not in pte.py):
+    literal_x300  S = Normalize(S + 300 S'): the toy's S' rows are ~0.2, real Qwen's 77-676; this puts the toy
+            in the real-weight regime where S' overwrites S at every event
     reset   S = Normalize(S0 + S'): nothing of S survives an event except through S' (the chain)
     kv_S0   the k_proj/v_proj adapters use S0, q/o use S: the state cannot shape the next K/V directly
     cut     every token uses S0 except the last segment (query): the evicted K/V never depend on S, so the
@@ -57,16 +58,17 @@ VARIANTS = {  # name -> (method, AdapterConfig overrides, probe)
 }
 
 
-def n_fill_for(k_events):  # events before thought t = W, W+E, ... < T-1 = n_fill + 2; the first evicts the secret
+def n_fill_for(k_events):
+    # events come before thought t = W, W+E, ... < T-1 = n_fill + 2; the first evicts the secret
     E = math.ceil(W / 4)
     return W + E * k_events
 
 
 def toy_model(seed=0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(arch="qwen2", vocab_size=32, hidden_size=64, intermediate_size=128, n_layers=2, n_heads=4,
-                      n_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None,
-                      attention_bias=True, tie_word_embeddings=False)
+    cfg = ModelConfig(arch="qwen2", vocab_size=32, hidden_size=64, intermediate_size=128, n_layers=2,
+                      n_heads=4, n_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+                      rope_scaling=None, attention_bias=True, tie_word_embeddings=False)
     return Transformer(cfg)
 
 
@@ -112,8 +114,9 @@ class _S0View:
 def apply_probe(ad, model, probe, n_events):
     if probe == "reset":
         for la in ad.layers:
-            la.update = (lambda la: lambda S, K, V: type(la).update(la, la.initial_state(S.shape[0]), K, V))(la)
-    elif probe == "amp":  # the real-Qwen regime: S' rows 77-676 (toy: ~0.2), S' x 300 dominates S at every event
+            la.update = (lambda la: lambda S, K, V:
+                         type(la).update(la, la.initial_state(S.shape[0]), K, V))(la)
+    elif probe == "amp":  # the real-Qwen regime: S' rows 77-676 (toy: ~0.2), S' x 300 dominates S each event
         for la in ad.layers:
             la.update = (lambda la: lambda S, K, V: la.normalize(S + 300 * la.encode(K, V)))(la)
     elif probe == "kv_S0":
@@ -188,7 +191,8 @@ def diagnostics(model, ad, n_fill, n=64):
     replay(model, ad, [[BOS]] * n, y, window=W)
     for i, la in enumerate(ad.layers):
         la.update = orig[i]
-    keep = [float(F.cosine_similarity(S_secret[("last", i)].flatten(1), S_secret[i].flatten(1), dim=-1).mean())
+    keep = [float(F.cosine_similarity(S_secret[("last", i)].flatten(1), S_secret[i].flatten(1),
+                                      dim=-1).mean())
             for i in range(len(ad.layers))]
     mean = lambda v: sum(v) / max(len(v), 1)
     return {"sp_row_norm": mean(rec["sp_norm"]), "cos_S_after_S_before": mean(rec["survive"]),
@@ -215,8 +219,8 @@ def run(variant, k_events, lr, steps, bsz, base_sd):
         replay(model, ad, [[BOS]] * bsz, y, window=W, loss_fn=loss_fn)
         opt.step()
     acc = accuracy(model, ad, n_fill, torch.Generator().manual_seed(3))
-    out = {"variant": variant, "events": k_events, "window": W, "lr": lr, "steps": steps, "batch": bsz, "acc": acc,
-           "seconds": round(time.time() - t, 1), **diagnostics(model, ad, n_fill)}
+    out = {"variant": variant, "events": k_events, "window": W, "lr": lr, "steps": steps, "batch": bsz,
+           "acc": acc, "seconds": round(time.time() - t, 1), **diagnostics(model, ad, n_fill)}
     if method == "pte" and over.get("state_update") in ("gated", "unit_gated"):
         out["gate"] = [float(la.log_gate.detach().exp()) for la in ad.layers]
     return out
@@ -225,7 +229,8 @@ def run(variant, k_events, lr, steps, bsz, base_sd):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, nargs="+", default=[1, 3, 10, 30])
-    ap.add_argument("--variants", nargs="+", default=["literal", "unit", "scaled", "gated", "softmax", "lora_c"])
+    ap.add_argument("--variants", nargs="+",
+                    default=["literal", "unit", "scaled", "gated", "softmax", "lora_c"])
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3])
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=64)
@@ -238,10 +243,12 @@ def main():
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {"runs": [], "base_acc": {}}
-    done = {(r["variant"], r["events"], r["lr"], r["steps"], r["batch"], r.get("window", 8)) for r in results["runs"]}
+    done = {(r["variant"], r["events"], r["lr"], r["steps"], r["batch"], r.get("window", 8))
+            for r in results["runs"]}
     for k in args.events:
         base = toy_model()
-        results["base_acc"][f"{k}" if W == 8 else f"{k}@W{W}"] = train_base(base, n_fill_for(k), torch.Generator().manual_seed(0))
+        key = f"{k}" if W == 8 else f"{k}@W{W}"
+        results["base_acc"][key] = train_base(base, n_fill_for(k), torch.Generator().manual_seed(0))
         sd = base.state_dict()
         for lr in args.lrs:
             for v in args.variants:
@@ -270,6 +277,7 @@ def print_table(results):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--table"]:
-        print_table(json.loads(Path(sys.argv[2] if len(sys.argv) > 2 else ROOT / "experiments/recall.json").read_text()))
+        table = Path(sys.argv[2] if len(sys.argv) > 2 else ROOT / "experiments/recall.json")
+        print_table(json.loads(table.read_text()))
     else:
         main()
