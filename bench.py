@@ -85,11 +85,9 @@ SHAPES = {
     "replay-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                          intermediate_size=1536, vocab_size=32000, tie_word_embeddings=True, rope_theta=1e6,
                          rms_norm_eps=1e-6, max_position_embeddings=32768),
-    "replay-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=128, vocab_size=512, tie_word_embeddings=True, rope_theta=1e6,
-                        rms_norm_eps=1e-6, max_position_embeddings=32768),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+SHAPES["replay-tiny"] = SHAPES["tiny"]  # the name `replay --quick` has always used
+DTYPES = {k: ours.DTYPES[k] for k in ("float32", "bfloat16", "float64")}  # the dtypes the benchmarks support
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 256, 257, 258 after the 256 byte tokens
 
 
